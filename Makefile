@@ -1,0 +1,47 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+# Both create .venv when it is missing and install the project into it (a no-op when nothing changed).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+# Demo settings: any of these can be overridden on the command line.
+WEIGHTS      ?= ViT-B/16
+DEMO_IMAGE   ?= itaclip_core/assets/sample_street.jpg
+DEMO_CLASSES ?= sky, building, tree, road, car, person, bicycle, grass, sign
+DEMO_OUT     ?= out/demo
+
+# Evaluation report (see `make report`).
+PRESET    ?= itaclip_voc21
+DATA_ROOT ?=
+REPORT_OUT ?= out/report
+
+.PHONY: install demo test test-fast report clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,llm]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/itaclip segment "$(DEMO_IMAGE)" --classes "$(DEMO_CLASSES)" --weights "$(WEIGHTS)" --out "$(DEMO_OUT)"
+	@echo "Overlay written to $(DEMO_OUT)/"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not notebook and not slow"
+
+report: install
+	@test -n "$(DATA_ROOT)" || (echo "make report needs DATA_ROOT=/path/to/dataset (and PRESET=..., WEIGHTS=...)"; exit 2)
+	$(BIN)/python -m itaclip_core.evaluation.notebook_report --preset "$(PRESET)" --data-root "$(DATA_ROOT)" \
+		--weights "$(WEIGHTS)" --out "$(REPORT_OUT)"
+
+clean-venv:
+	rm -rf $(VENV)

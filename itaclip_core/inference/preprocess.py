@@ -1,0 +1,132 @@
+"""Image path into the model, exactly as the MMSegmentation pipelines of ITACLIP and SCLIP do it.
+
+1. decode with OpenCV (`IMREAD_COLOR`: uint8 BGR; grayscale, palette, RGBA and 16-bit are converted by OpenCV),
+2. keep-ratio resize so the short side is `short_side` (long side at most `long_side`), OpenCV bilinear on uint8,
+3. BGR -> RGB, float32, normalise with CLIP's mean and std (x 255).
+
+The logits are brought back to the ORIGINAL size by the segmentor, so the original size is kept with the tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+# CLIP's normalisation constants, times 255, in RGB order.
+CLIP_MEAN_255 = (122.771, 116.746, 104.094)
+CLIP_STD_255 = (68.501, 66.632, 70.323)
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+class ImageReadError(ValueError):
+    """An image could not be read or has an unsupported layout."""
+
+
+@dataclass
+class PreparedImage:
+    """A resized, normalised image ready for the model, with what is needed to undo the resize."""
+
+    tensor: torch.Tensor  # (3, h, w) float32, RGB, normalised with CLIP's mean and std
+    original_size: tuple[int, int]  # (H, W) of the decoded image; predictions are returned at this size
+    name: str = ""  # file name or a caller-given label, used in messages and outputs
+
+
+def read_image_bgr(path: str | Path) -> np.ndarray:
+    """Decode a file as OpenCV's `IMREAD_COLOR` does: (H, W, 3) uint8 BGR."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"image file not found: {path}")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise ImageReadError(f"could not decode {path} as an image (is it a PNG/JPEG/BMP/TIFF file?)")
+    return image
+
+
+def to_bgr_uint8(image: ImageInput) -> np.ndarray:
+    """Any supported input as (H, W, 3) uint8 BGR, converted the way OpenCV's `IMREAD_COLOR` converts files.
+
+    Arrays are taken as RGB (or gray, or RGBA whose alpha is dropped); uint16 arrays are scaled by 1/256 and
+    float arrays must hold values in [0, 1].
+    """
+    if isinstance(image, (str, Path)):
+        return read_image_bgr(image)
+    if isinstance(image, Image.Image):
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image).astype(np.float64) / 256.0
+            array = np.clip(array, 0, 255).astype(np.uint8)
+        else:
+            array = np.asarray(image.convert("RGB"))
+        return to_bgr_uint8(array)
+    if not isinstance(image, np.ndarray):
+        raise ImageReadError(
+            f"unsupported image input of type {type(image).__name__}: pass a file path, a PIL image or a numpy array"
+        )
+    array = image
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ImageReadError(f"image array has shape {image.shape}: expected (H, W), (H, W, 3) or (H, W, 4)")
+    array = array[:, :, :3]
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if array.size and (np.nanmin(array) < 0.0 or np.nanmax(array) > 1.0):
+            raise ImageReadError("a float image array must hold values in [0, 1]; pass uint8 for 0..255 values")
+        array = np.round(array * 255.0).astype(np.uint8)
+    else:
+        raise ImageReadError(f"image array of dtype {array.dtype} is not supported: use uint8, uint16 or float")
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise ImageReadError(f"image array has an empty side: shape {image.shape}")
+    return np.ascontiguousarray(array[:, :, ::-1])
+
+
+def rescale_size(height: int, width: int, short_side: int, long_side: int = 2048) -> tuple[int, int]:
+    """MMCV's keep-ratio rescale: the (new_h, new_w) for a (height, width) image."""
+    factor = min(long_side / max(height, width), short_side / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def protocol_resize(image_bgr: np.ndarray, short_side: int, long_side: int = 2048) -> np.ndarray:
+    """Keep-ratio resize with OpenCV bilinear interpolation on the uint8 image (no antialiasing)."""
+    height, width = image_bgr.shape[:2]
+    new_h, new_w = rescale_size(height, width, short_side, long_side)
+    if (new_h, new_w) == (height, width):
+        return image_bgr
+    return cv2.resize(image_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
+def normalise_bgr(image_bgr: np.ndarray) -> torch.Tensor:
+    """uint8 BGR (H, W, 3) -> float32 RGB (3, H, W) normalised with CLIP's constants."""
+    rgb = torch.from_numpy(np.ascontiguousarray(image_bgr[:, :, ::-1])).permute(2, 0, 1).float()
+    mean = torch.tensor(CLIP_MEAN_255).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD_255).view(3, 1, 1)
+    return (rgb - mean) / std
+
+
+def denormalise(tensor: torch.Tensor) -> np.ndarray:
+    """Inverse of `normalise_bgr` for display: (3, H, W) normalised -> (H, W, 3) uint8 RGB."""
+    mean = torch.tensor(CLIP_MEAN_255, device=tensor.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD_255, device=tensor.device).view(3, 1, 1)
+    rgb = (tensor.float() * std + mean).clamp(0, 255).round().byte()
+    return rgb.permute(1, 2, 0).cpu().numpy()
+
+
+def prepare_image(image: ImageInput, short_side: int, long_side: int = 2048, name: str | None = None) -> PreparedImage:
+    """Decode (if needed), resize and normalise one image as the evaluation protocol does."""
+    bgr = to_bgr_uint8(image)
+    if name is None:
+        name = Path(image).name if isinstance(image, (str, Path)) else ""
+    resized = protocol_resize(bgr, short_side, long_side)
+    return PreparedImage(tensor=normalise_bgr(resized), original_size=(bgr.shape[0], bgr.shape[1]), name=name)
