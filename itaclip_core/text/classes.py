@@ -77,7 +77,9 @@ def read_class_file(path: str | Path) -> ClassVocabulary:
     lines = path.read_text(encoding="utf-8").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
-    variants = [line.rstrip("\r").split(", ") for line in lines]
+    # Names are stripped (the Context60 files end with "wood "); the tokenizer strips whitespace anyway, so the
+    # encoded queries are the same as the published code's.
+    variants = [[name.strip() for name in line.rstrip("\r").split(", ")] for line in lines]
     # The published files repeat some names across classes (COCO-Object lists "bed" as background and as a
     # class): they are kept as they are.
     return _check_vocabulary(variants, str(path), unique=False)
