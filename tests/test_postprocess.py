@@ -112,13 +112,20 @@ def test_area_threshold_hand_built() -> None:
     assert kept_classes(probs, 0.1).tolist() == [True, True, True, False, False]
     # thd 0.3 -> 4.2: class 2 (4 px) dropped as well.
     assert kept_classes(probs, 0.3).tolist() == [True, True, False, False, False]
-    # thd 4/14 -> exactly 4: not above, so class 2 is dropped; a hair lower keeps it.
-    assert kept_classes(probs, 4 / 14 - 1e-6).tolist() == [True, True, True, False, False]
+    assert kept_classes(probs, 4 / 14 - 1e-3).tolist() == [True, True, True, False, False]
     out = area_threshold(probs, 0.3)
     torch.testing.assert_close(out[:2], probs[:2])
     assert (out[2:] == 0).all()
     assert (probs[2:] > 0).any(), "the input was modified"
     assert area_threshold(probs, None) is probs
+
+
+def test_area_threshold_equal_area_is_dropped() -> None:
+    winners = np.array([[1, 1, 1, 1], [2, 2, 3, 3], [0, 0, 0, 0]])  # foreground 8 px: 4, 2 and 2
+    probs = _probs_from_winners(winners, 4)
+    # thd 0.25 -> exactly 2 px: classes 2 and 3 are not above it.
+    assert kept_classes(probs, 0.25).tolist() == [True, True, False, False]
+    assert kept_classes(probs, 0.24).tolist() == [True, True, True, True]
 
 
 def test_area_threshold_keeps_class_zero_and_handles_no_foreground() -> None:
