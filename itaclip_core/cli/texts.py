@@ -42,22 +42,32 @@ def register(subparsers: Any) -> None:
             "running the same command again keeps them and generates only the missing ones."
         ),
     )
-    generate.add_argument("--classes", required=True, help="class-name file (one class a line, variants after ', ')")
+    generate.add_argument(
+        "--classes", required=True, metavar="FILE", help="class-name file (one class a line; the first name is used)"
+    )
     generate.add_argument("--kind", required=True, choices=KINDS, help="what to generate")
-    generate.add_argument("--model", required=True, help="Hugging Face model id or local model directory")
-    generate.add_argument("--out", required=True, help="output auxiliary-text file")
+    generate.add_argument(
+        "--model", required=True, metavar="MODEL", help="Hugging Face model id or local model directory"
+    )
+    generate.add_argument("--out", required=True, metavar="FILE", help="output auxiliary-text file")
     generate.add_argument(
         "--background", action="store_true", help="the first class is background and gets no line"
     )
-    generate.add_argument("--max-new-tokens", type=int, default=128, help="most tokens per answer (default 128)")
     generate.add_argument(
-        "--max-retries", type=int, default=3, help="sampled re-tries after an invalid answer (default 3)"
+        "--max-new-tokens", type=int, default=128, metavar="N", help="most tokens per answer (default 128)"
+    )
+    generate.add_argument(
+        "--max-retries", type=int, default=3, metavar="N", help="sampled re-tries after an invalid answer (default 3)"
     )
     generate.add_argument("--sample", action="store_true", help="sample the first answers too (default: greedy)")
-    generate.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
-    generate.add_argument("--top-p", type=float, default=0.9, help="nucleus-sampling mass (default 0.9)")
-    generate.add_argument("--seed", type=int, default=0, help="seed of every sampled answer (default 0)")
-    generate.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    generate.add_argument(
+        "--temperature", type=float, default=0.6, metavar="T", help="sampling temperature (default 0.6)"
+    )
+    generate.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus-sampling mass (default 0.9)")
+    generate.add_argument("--seed", type=int, default=0, metavar="S", help="seed of every sampled answer (default 0)")
+    generate.add_argument(
+        "--device", default=None, metavar="D", help="torch device (default: cuda when available, else cpu)"
+    )
     generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     generate.set_defaults(func=_run_generate)
 
@@ -70,8 +80,8 @@ def register(subparsers: Any) -> None:
             f"{MAX_SYNONYMS} items). Exits with status 1 when there is any."
         ),
     )
-    check.add_argument("--classes", required=True, help="class-name file")
-    check.add_argument("--aux", required=True, help="auxiliary-text file to check")
+    check.add_argument("--classes", required=True, metavar="FILE", help="class-name file")
+    check.add_argument("--aux", required=True, metavar="FILE", help="auxiliary-text file to check")
     check.add_argument("--background", action="store_true", help="the first class is background and has no line")
     check.add_argument("--kind", choices=KINDS, default=None, help="also check this kind's own limit")
     check.set_defaults(func=_run_check)
