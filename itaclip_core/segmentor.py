@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -164,7 +165,8 @@ class Segmentor:
         if aux_path is not None:
             resolved = resolve_text_path(aux_path, "auxiliary-text file")
             aux = read_aux_file(resolved)
-            check_aux_matches(aux, vocab, background, str(resolved))
+            for message in check_aux_matches(aux, vocab, background, str(resolved), strict_names=False):
+                warnings.warn(message + " (lines are matched to classes by position)", stacklevel=2)
             aux_texts = [text for _, text in aux]
         self.classifier = build_classifier(
             self.model,

@@ -180,17 +180,27 @@ def aux_name_matches(name: str, variants: Sequence[str]) -> bool:
     return name.strip().lower() in {v.lower() for v in variants}
 
 
-def check_aux_matches(aux: list[tuple[str, str]], vocab: ClassVocabulary, background: bool, source: str) -> None:
-    """An auxiliary file has one line per non-background class, in class order."""
+def check_aux_matches(
+    aux: list[tuple[str, str]], vocab: ClassVocabulary, background: bool, source: str, strict_names: bool = True
+) -> list[str]:
+    """An auxiliary file has one line per non-background class, in class order.
+
+    A wrong line count is always an error (lines are matched to classes by position). A line whose name is none of
+    its class's variants is an error when `strict_names`, else it is returned as a warning: the published code
+    matches by position only, and its own files name some classes differently (e.g. `tvmonitor`).
+    """
     expected = vocab.class_names[1:] if background else vocab.class_names
     if len(aux) != len(expected):
         raise TextFileError(
             f"{source}: {len(aux)} lines, but the class list has {len(expected)} "
             f"{'non-background ' if background else ''}classes; write one line per class, in class order"
         )
+    warnings: list[str] = []
     for number, ((name, _), want) in enumerate(zip(aux, expected), start=1):
         variants = vocab.variants[number if background else number - 1]
         if not aux_name_matches(name, variants):
-            raise TextFileError(
-                f"{source}, line {number}: names {name!r} but class {number} is {want!r}; lines must follow class order"
-            )
+            message = f"{source}, line {number}: names {name!r} but class {number} is {want!r}"
+            if strict_names:
+                raise TextFileError(message + "; lines must follow class order")
+            warnings.append(message)
+    return warnings
