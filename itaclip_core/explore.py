@@ -133,15 +133,19 @@ class NotebookRun:
     def random_model(self) -> bool:
         return is_random_model(self.parameters["MODEL"], self.parameters["WEIGHTS"])
 
-    def save_figure(self, figure: Any, name: str, dpi: int = 100) -> Path:
-        """Save a matplotlib figure as `figures_dir/name`; `name` starts with the notebook's number (`03_...png`)."""
+    def figure_path(self, name: str) -> Path:
+        """Where figure `name` goes (`NN_<what>.png`, NN the notebook's number); the figure is recorded as written."""
         prefix = self.notebook.split("_")[0] + "_"
         if not name.startswith(prefix) or not name.endswith(".png"):
             raise ValueError(f"figure name {name!r} must look like {prefix}<what>.png (stable names per notebook)")
-        path = self.figures_dir / name
-        figure.savefig(path, dpi=dpi, bbox_inches="tight")
         if name not in self.figures:
             self.figures.append(name)
+        return self.figures_dir / name
+
+    def save_figure(self, figure: Any, name: str, dpi: int = 100) -> Path:
+        """Save a matplotlib figure as `figures_dir/name` (see `figure_path`)."""
+        path = self.figure_path(name)
+        figure.savefig(path, dpi=dpi, bbox_inches="tight")
         return path
 
     def write_results(self, results: Mapping[str, Any]) -> Path:
@@ -207,12 +211,25 @@ def load_model(model: str, weights: str | Path | None = None, device: str | None
 
 
 def notebook_config(preset: str, overrides: str | Sequence[str] | Mapping[str, Any] | None = None) -> SegmentorConfig:
-    """The preset PRESET with the OVERRIDES applied (`key=value` strings, one string, or a dict)."""
+    """The preset PRESET with the OVERRIDES applied (`key=value` strings, one string, or a dict).
+
+    Text files given by a relative path that exists under the working folder or the project root (templates, class
+    file, auxiliary file) are made absolute, so that the notebook finds them from any working folder.
+    """
     if isinstance(overrides, str):
         overrides = [overrides] if overrides.strip() else []
     elif overrides is not None and not isinstance(overrides, Mapping):
         overrides = list(overrides)
-    return apply_overrides(get_preset(preset), overrides)
+    config = apply_overrides(get_preset(preset), overrides)
+    changes = {}
+    for key in ("templates", "classes", "aux_file"):
+        value = getattr(config, key)
+        if value is not None and not Path(value).is_absolute() and not (texts_dir() / value).is_file():
+            for base in (Path.cwd(), project_root()):
+                if (base / value).is_file():
+                    changes[key] = str((base / value).resolve())
+                    break
+    return config.replace(**changes) if changes else config
 
 
 def open_dataset(name: str | None, root: str | Path, config: SegmentorConfig | None = None) -> SegDataset:
@@ -237,6 +254,35 @@ def open_vocabulary_config(config: SegmentorConfig) -> SegmentorConfig:
     logit scale, without its class file, auxiliary file, background class and thresholds."""
     return config.replace(name=f"{config.name}+open_vocab", dataset=None, classes=None, background=False,
                           aux_file=None, aux_coef=0.0, prob_thd=0.0, area_thd=None)  # fmt: skip
+
+
+def with_dense(config: SegmentorConfig, dense: DenseConfig) -> SegmentorConfig:
+    """`config` with the image tower read out as `dense` says (e.g. a `DENSE_METHODS` entry)."""
+    if dense.block_variants:
+        raise ValueError("a SegmentorConfig cannot hold per-block attention variants (block_variants)")
+    return config.replace(attention=dense.variant, fuse_blocks=tuple(dense.fuse_blocks),
+                          fuse_attention=dense.fuse_variant, fuse_weight=dense.fuse_weight,
+                          last_residual=dense.last_residual, last_mlp=dense.last_mlp)  # fmt: skip
+
+
+def explorer_config(base: SegmentorConfig, image_engineering: bool, attention: str, fuse: bool, pamr: bool,
+                    closing: bool, prob_thd: float, area_thd: float, stride: int) -> SegmentorConfig:  # fmt: skip
+    """Settings from the explorer's switches, on top of `base` (usually `open_vocabulary_config` of a preset).
+
+    Args:
+        image_engineering: five views per window.
+        attention: the last block's attention variant (a name in `ATTENTION_VARIANTS`).
+        fuse: fuse the attention maps of blocks 7, 8 and 10 into the last block's (ITACLIP).
+        pamr: refine with PAMR (the base's steps, 10 when the base has none).
+        closing: 3 x 3 closing of the label map.
+        prob_thd: probability threshold (pixels below it get class 0).
+        area_thd: area threshold (0: none).
+        stride: sliding-window step in pixels.
+    """
+    return base.replace(image_engineering=bool(image_engineering), attention=attention,
+                        fuse_blocks=(7, 8, 10) if fuse else (), pamr_steps=(base.pamr_steps or 10) if pamr else 0,
+                        closing=bool(closing), prob_thd=float(prob_thd), area_thd=float(area_thd) or None,
+                        stride=int(stride), name=f"{base.name}+explorer")  # fmt: skip
 
 
 def shipped_aux_texts(names: Sequence[str], kind: str = "definitions") -> list[str | None]:
@@ -302,31 +348,32 @@ def pca_rgb(tokens: torch.Tensor) -> np.ndarray:
     return out.view(rows, cols, 3).numpy()
 
 
-def query_attention(model: CLIP, image: torch.Tensor, query: tuple[int, int],
-                    configs: Mapping[str, DenseConfig]) -> dict[str, np.ndarray]:  # fmt: skip
-    """The attention of one query patch over the patches, as each dense setting applies it in the last block.
+def attention_parts(model: CLIP, image: torch.Tensor, query: tuple[int, int], dense: DenseConfig) -> dict[str, np.ndarray]:
+    """Every attention map `attention_maps` gives for one setting (`last`, `block<N>` of the fused blocks, `fused`),
+    as the attention of one query patch: name -> (rows, cols) float32, mean over heads, class token left out.
 
     Args:
         model: the CLIP.
         image: (3, h, w) normalised image.
         query: (row, col) of the query patch on the patch grid.
-        configs: name -> dense setting (the `fused` map is used: the last block's own map, fused with the
-            intermediate blocks' maps when the setting fuses them).
-    Returns:
-        name -> (rows, cols) float32 map, the mean over heads of the query's attention row without the class token.
+        dense: the dense setting.
     """
     rows, cols = model.visual.grid_size(image.shape[-2], image.shape[-1])
     row, col = query
     if not (0 <= row < rows and 0 <= col < cols):
         raise ValueError(f"query patch {query} lies outside the {rows} x {cols} patch grid")
     token = 1 + row * cols + col
-    images = image[None].to(model.device, model.dtype)
-    out = {}
     with torch.no_grad():
-        for name, dense in configs.items():
-            fused = attention_maps(model.visual, images, dense)["fused"]  # (1, H, 1 + N, 1 + N)
-            out[name] = fused[0, :, token, 1:].mean(dim=0).view(rows, cols).cpu().numpy()
-    return out
+        maps = attention_maps(model.visual, image[None].to(model.device, model.dtype), dense)  # each (1, H, T, T)
+    return {name: m[0, :, token, 1:].mean(dim=0).view(rows, cols).cpu().numpy() for name, m in maps.items()}
+
+
+def query_attention(model: CLIP, image: torch.Tensor, query: tuple[int, int],
+                    configs: Mapping[str, DenseConfig]) -> dict[str, np.ndarray]:  # fmt: skip
+    """The attention of one query patch over the patches, as each dense setting applies it in the last block:
+    name -> (rows, cols) map (the `fused` map of `attention_parts`: the last block's own map, fused with the
+    intermediate blocks' maps when the setting fuses them)."""
+    return {name: attention_parts(model, image, query, dense)["fused"] for name, dense in configs.items()}
 
 
 def window_features(segmentor: Segmentor, prepared: PreparedImage) -> tuple[torch.Tensor, list[Window]]:
@@ -465,6 +512,28 @@ def evaluate_subset(segmentor: Segmentor, dataset: SegDataset, subset: Sequence[
     result = scores(accumulator, dataset.class_names)
     result["seconds_per_image"] = (time.perf_counter() - started) / max(len(subset), 1)
     return result
+
+
+def evaluate_logits(segmentor: Segmentor, dataset: SegDataset, subset: Sequence[LabelledImage],
+                    logits_fn: Callable[[PreparedImage], Mapping[str, torch.Tensor]],
+                    progress: bool = True) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Score several ways of computing the similarities on the same images in one pass.
+
+    Args:
+        segmentor: supplies the classifier, PAMR and post-processing settings (`finish_prediction`).
+        dataset, subset: the benchmark and its preloaded images (`load_subset`).
+        logits_fn: per prepared image, name -> per-query similarities (Q, H0, W0); the same names every image.
+    Returns:
+        name -> mIoU, mAcc, aAcc, per-class IoU.
+    """
+    accumulators: dict[str, IoUAccumulator] = {}
+    with torch.no_grad():
+        for item in tqdm(subset, desc="evaluate", disable=not progress, leave=False):
+            for name, logits in logits_fn(item.prepared).items():
+                if name not in accumulators:
+                    accumulators[name] = IoUAccumulator(dataset.num_classes, dataset.ignore_index)
+                accumulators[name].update(finish_prediction(segmentor, item.prepared, logits).labels, item.label)
+    return {name: scores(acc, dataset.class_names) for name, acc in accumulators.items()}
 
 
 # What switches each ITACLIP component off: Image engineering, Text enhancement, Architectural changes.

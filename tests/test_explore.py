@@ -130,6 +130,11 @@ def test_query_attention_maps(model, prepared) -> None:
     assert not np.allclose(maps["itaclip"], maps["selfself"])
     with pytest.raises(ValueError, match="outside"):
         explore.query_attention(model, prepared.tensor, (rows, 0), configs)
+    parts = explore.attention_parts(model, prepared.tensor, (2, 3), DENSE_METHODS["itaclip"])
+    assert list(parts) == ["block7", "block8", "block10", "last", "fused"]
+    mean_blocks = (parts["block7"] + parts["block8"] + parts["block10"]) / 3
+    np.testing.assert_allclose(parts["fused"], 0.5 * parts["last"] + 0.5 * mean_blocks, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(parts["fused"], maps["itaclip"], rtol=1e-6, atol=1e-8)
 
 
 def test_patch_tokens_and_pca_colours(model, prepared) -> None:
@@ -147,6 +152,29 @@ def test_patch_tokens_and_pca_colours(model, prepared) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ settings, texts
+def test_with_dense_sets_the_readout(model, config, prepared, workdir: Path) -> None:
+    for name, dense in DENSE_METHODS.items():
+        assert explore.with_dense(config, dense).dense_config() == dense, name
+    with pytest.raises(ValueError, match="block_variants"):
+        explore.with_dense(config, DenseConfig(block_variants=((3, "qq"),)))
+
+
+def test_evaluate_logits_scores_each_variant(model, segmentor, config, dataset) -> None:
+    subset = explore.load_subset(dataset, 2, config.short_side, progress=False)
+
+    def variants(prepared):
+        views = explore.view_logits(segmentor, prepared)
+        return {"all": explore.mix_view_logits(views, config.img_eng_coef), "original": views["original"]}
+
+    scored = explore.evaluate_logits(segmentor, dataset, subset, variants, progress=False)
+    assert list(scored) == ["all", "original"]
+    direct = explore.evaluate_subset(segmentor, dataset, subset, progress=False)
+    assert scored["all"]["mIoU"] == pytest.approx(direct["mIoU"], abs=1e-9)
+    plain = Segmentor(model, config.replace(image_engineering=False), cache_dir=segmentor.cache_dir)
+    assert scored["original"]["mIoU"] == pytest.approx(explore.evaluate_subset(plain, dataset, subset,
+                                                                               progress=False)["mIoU"], abs=1e-9)
+
+
 def test_ablation_configs() -> None:
     base = get_preset("itaclip_voc21")
     configs = explore.ablation_configs(base)
@@ -172,6 +200,9 @@ def test_open_vocabulary_config_and_dataset_checks(dataset) -> None:
     base = explore.notebook_config("itaclip_voc21", ["stride=56"])
     assert base.stride == 56
     assert explore.notebook_config("itaclip_voc21", "stride=112").stride == 112
+    with_file = explore.notebook_config("itaclip_voc21", ["templates=tests/golden/voc20_definitions_sample.txt"])
+    assert with_file.templates == str((explore.project_root() / "tests/golden/voc20_definitions_sample.txt"))
+    assert with_file.aux_file == base.aux_file  # shipped texts/ files stay as they are
     typed = explore.open_vocabulary_config(base)
     assert (typed.classes, typed.aux_file, typed.background, typed.prob_thd, typed.area_thd) == (
         None, None, False, 0.0, None)  # fmt: skip
@@ -180,6 +211,17 @@ def test_open_vocabulary_config_and_dataset_checks(dataset) -> None:
         explore.open_dataset("context60", dataset.root, base)
     with pytest.raises(FileNotFoundError, match="DATA_ROOT"):
         explore.open_dataset("voc21", "no/such/folder", base)
+
+
+def test_explorer_config() -> None:
+    base = explore.open_vocabulary_config(get_preset("itaclip_voc21"))
+    on = explore.explorer_config(base, True, "selfself", True, True, True, 0.2, 0.05, 56)
+    assert (on.image_engineering, on.fuse_blocks, on.pamr_steps, on.closing) == (True, (7, 8, 10), 10, True)
+    assert (on.prob_thd, on.area_thd, on.stride) == (0.2, 0.05, 56)
+    off = explore.explorer_config(base.replace(pamr_steps=0), False, "qk", False, False, False, 0.0, 0.0, 112)
+    assert (off.image_engineering, off.attention, off.fuse_blocks, off.pamr_steps) == (False, "qk", (), 0)
+    assert (off.closing, off.prob_thd, off.area_thd, off.stride) == (False, 0.0, None, 112)
+    assert explore.explorer_config(base.replace(pamr_steps=0), False, "qk", False, True, False, 0, 0, 28).pamr_steps == 10
 
 
 def test_shipped_aux_texts() -> None:
