@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: they also render in HTML reports and headless runs
 
 from itaclip_core.attention.dense import DenseConfig, attention_maps, dense_tokens
 from itaclip_core.data.base import SegDataset
@@ -210,16 +210,21 @@ def load_model(model: str, weights: str | Path | None = None, device: str | None
     return load_clip(spec, device=device, dtype=dtype, progress=True)
 
 
+def override_list(overrides: str | Sequence[str] | None) -> list[str]:
+    """OVERRIDES as a list of `key=value` strings (one string is one override; None or "" is none)."""
+    if overrides is None or (isinstance(overrides, str) and not overrides.strip()):
+        return []
+    return [overrides] if isinstance(overrides, str) else [str(item) for item in overrides]
+
+
 def notebook_config(preset: str, overrides: str | Sequence[str] | Mapping[str, Any] | None = None) -> SegmentorConfig:
     """The preset PRESET with the OVERRIDES applied (`key=value` strings, one string, or a dict).
 
     Text files given by a relative path that exists under the working folder or the project root (templates, class
     file, auxiliary file) are made absolute, so that the notebook finds them from any working folder.
     """
-    if isinstance(overrides, str):
-        overrides = [overrides] if overrides.strip() else []
-    elif overrides is not None and not isinstance(overrides, Mapping):
-        overrides = list(overrides)
+    if not isinstance(overrides, Mapping):
+        overrides = override_list(overrides)
     config = apply_overrides(get_preset(preset), overrides)
     changes = {}
     for key in ("templates", "classes", "aux_file"):
@@ -348,7 +353,8 @@ def pca_rgb(tokens: torch.Tensor) -> np.ndarray:
     return out.view(rows, cols, 3).numpy()
 
 
-def attention_parts(model: CLIP, image: torch.Tensor, query: tuple[int, int], dense: DenseConfig) -> dict[str, np.ndarray]:
+def attention_parts(model: CLIP, image: torch.Tensor, query: tuple[int, int],
+                    dense: DenseConfig) -> dict[str, np.ndarray]:  # fmt: skip
     """Every attention map `attention_maps` gives for one setting (`last`, `block<N>` of the fused blocks, `fused`),
     as the attention of one query patch: name -> (rows, cols) float32, mean over heads, class token left out.
 
@@ -551,7 +557,8 @@ def ablation_label(components: str) -> str:
     return "baseline" if not components else "".join(f"+{c}" for c in components)
 
 
-def ablation_configs(base: SegmentorConfig, rows: Sequence[str] = ABLATION_ROWS) -> dict[str, tuple[SegmentorConfig, list[str]]]:  # noqa: E501
+def ablation_configs(base: SegmentorConfig,
+                     rows: Sequence[str] = ABLATION_ROWS) -> dict[str, tuple[SegmentorConfig, list[str]]]:  # fmt: skip
     """The ablation rows as settings built from an ITACLIP preset: row label -> (config, the overrides applied).
 
     Args:

@@ -200,6 +200,8 @@ def test_open_vocabulary_config_and_dataset_checks(dataset) -> None:
     base = explore.notebook_config("itaclip_voc21", ["stride=56"])
     assert base.stride == 56
     assert explore.notebook_config("itaclip_voc21", "stride=112").stride == 112
+    assert explore.override_list("stride=112") == ["stride=112"] and explore.override_list(None) == []
+    assert explore.override_list(("a=1", "b=2")) == ["a=1", "b=2"] and explore.override_list(" ") == []
     with_file = explore.notebook_config("itaclip_voc21", ["templates=tests/golden/voc20_definitions_sample.txt"])
     assert with_file.templates == str((explore.project_root() / "tests/golden/voc20_definitions_sample.txt"))
     assert with_file.aux_file == base.aux_file  # shipped texts/ files stay as they are
@@ -221,7 +223,8 @@ def test_explorer_config() -> None:
     off = explore.explorer_config(base.replace(pamr_steps=0), False, "qk", False, False, False, 0.0, 0.0, 112)
     assert (off.image_engineering, off.attention, off.fuse_blocks, off.pamr_steps) == (False, "qk", (), 0)
     assert (off.closing, off.prob_thd, off.area_thd, off.stride) == (False, 0.0, None, 112)
-    assert explore.explorer_config(base.replace(pamr_steps=0), False, "qk", False, True, False, 0, 0, 28).pamr_steps == 10
+    pamr_on = explore.explorer_config(base.replace(pamr_steps=0), False, "qk", False, True, False, 0, 0, 28)
+    assert pamr_on.pamr_steps == 10
 
 
 def test_shipped_aux_texts() -> None:

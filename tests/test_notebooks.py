@@ -68,7 +68,8 @@ def test_committed_notebooks_are_stripped_and_follow_the_template() -> None:
     found = sorted(path.stem for path in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
     assert found == sorted(EXPECTED)
     for name in found:
-        assert explore.notebook_problems(NOTEBOOK_DIR / f"{name}.ipynb") == [], "run: python -m itaclip_core.explore strip notebooks/*.ipynb"  # noqa: E501
+        problems = explore.notebook_problems(NOTEBOOK_DIR / f"{name}.ipynb")
+        assert problems == [], f"{problems}: run python -m itaclip_core.explore strip notebooks/*.ipynb"
         cells = _notebook(name)["cells"]
         assert cells[0]["cell_type"] == "markdown" and _source(cells[0]).startswith(f"# {name[:2]} ")
         tagged = [i for i, cell in enumerate(cells) if "parameters" in cell.get("metadata", {}).get("tags", [])]
@@ -128,7 +129,8 @@ def check_results(name: str, out_dir: Path, figures_dir: Path, parameters: dict[
             assert math.isfinite(value), f"{name}: {path} is {value}"
             if any(f"/{key}" in path for key in SCORE_KEYS):
                 assert 0.0 <= value <= 100.0, f"{name}: {path} = {value} is not a percentage"
-    assert figures <= set(payload["figures"]), f"{name}: figures not recorded: {sorted(figures - set(payload['figures']))}"  # noqa: E501
+    missing = figures - set(payload["figures"])
+    assert not missing, f"{name}: figures not recorded: {sorted(missing)}"
     for figure in figures:
         with Image.open(figures_dir / figure) as image:
             assert image.format == "PNG" and min(image.size) > 50, figure
