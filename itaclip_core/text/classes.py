@@ -77,7 +77,9 @@ def read_class_file(path: str | Path) -> ClassVocabulary:
     lines = path.read_text(encoding="utf-8").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
-    variants = [line.rstrip("\r").split(", ") for line in lines]
+    # Names are stripped (the Context60 files end with "wood "); the tokenizer strips whitespace anyway, so the
+    # encoded queries are the same as the published code's.
+    variants = [[name.strip() for name in line.rstrip("\r").split(", ")] for line in lines]
     # The published files repeat some names across classes (COCO-Object lists "bed" as background and as a
     # class): they are kept as they are.
     return _check_vocabulary(variants, str(path), unique=False)
@@ -117,26 +119,88 @@ def read_aux_file(path: str | Path) -> list[tuple[str, str]]:
     while lines and not lines[-1].strip():
         lines.pop()
     for number, line in enumerate(lines, start=1):
-        name, sep, text = line.rstrip("\r").partition(">=")
-        if not sep:
+        parsed = split_aux_line(line)
+        if parsed is None:
             raise TextFileError(f"{path}, line {number}: expected `name >=text`, got {line!r}")
+        name, text = parsed
         if not text.strip():
-            raise TextFileError(f"{path}, line {number}: the text after '>=' is empty for {name.strip()!r}")
-        entries.append((name.strip(), text))
+            raise TextFileError(f"{path}, line {number}: the text after '>=' is empty for {name!r}")
+        entries.append((name, text))
     return entries
 
 
-def check_aux_matches(aux: list[tuple[str, str]], vocab: ClassVocabulary, background: bool, source: str) -> None:
-    """An auxiliary file has one line per non-background class, in class order."""
+def split_aux_line(line: str) -> tuple[str, str] | None:
+    """Split one auxiliary-file line into `(name, text)` at its first `>=`; `None` when it has no `>=`.
+
+    Args:
+        line: one line of an auxiliary file, with or without its line ending.
+
+    The name is stripped; the text is returned verbatim (it is used as it is).
+    """
+    name, sep, text = line.rstrip("\r\n").partition(">=")
+    if not sep:
+        return None
+    return name.strip(), text
+
+
+def format_aux_line(name: str, text: str) -> str:
+    """The auxiliary-file line `name >=text` (no line ending), the format `read_aux_file` reads back.
+
+    Args:
+        name: the class's display name.
+        text: the class's auxiliary text (a single line).
+    """
+    if "\n" in text or "\r" in text:
+        raise TextFileError(f"auxiliary text for {name!r} spans several lines; give a single line")
+    return f"{name} >={text}"
+
+
+def aux_class_variants(vocab: ClassVocabulary, background: bool) -> list[tuple[str, ...]]:
+    """Name variants of the classes an auxiliary file has lines for: all classes, or all but the first
+    (background) one when `background` is true.
+
+    Args:
+        vocab: the class list.
+        background: whether the first class is a background class without an auxiliary line.
+    """
+    if background and vocab.num_classes < 2:
+        raise TextFileError(
+            "the class list has only a background class; an auxiliary file needs at least one other class"
+        )
+    return list(vocab.variants[1:] if background else vocab.variants)
+
+
+def aux_name_matches(name: str, variants: Sequence[str]) -> bool:
+    """Whether an auxiliary line's name belongs to a class: it equals one of its variants, ignoring case.
+
+    Args:
+        name: the name written before `>=`.
+        variants: the class's name variants.
+    """
+    return name.strip().lower() in {v.lower() for v in variants}
+
+
+def check_aux_matches(
+    aux: list[tuple[str, str]], vocab: ClassVocabulary, background: bool, source: str, strict_names: bool = True
+) -> list[str]:
+    """An auxiliary file has one line per non-background class, in class order.
+
+    A wrong line count is always an error (lines are matched to classes by position). A line whose name is none of
+    its class's variants is an error when `strict_names`, else it is returned as a warning: the published code
+    matches by position only, and its own files name some classes differently (e.g. `tvmonitor`).
+    """
     expected = vocab.class_names[1:] if background else vocab.class_names
     if len(aux) != len(expected):
         raise TextFileError(
             f"{source}: {len(aux)} lines, but the class list has {len(expected)} "
             f"{'non-background ' if background else ''}classes; write one line per class, in class order"
         )
+    warnings: list[str] = []
     for number, ((name, _), want) in enumerate(zip(aux, expected), start=1):
         variants = vocab.variants[number if background else number - 1]
-        if name.lower() not in {v.lower() for v in variants} and name.lower() != want.lower():
-            raise TextFileError(
-                f"{source}, line {number}: names {name!r} but class {number} is {want!r}; lines must follow class order"
-            )
+        if not aux_name_matches(name, variants):
+            message = f"{source}, line {number}: names {name!r} but class {number} is {want!r}"
+            if strict_names:
+                raise TextFileError(message + "; lines must follow class order")
+            warnings.append(message)
+    return warnings

@@ -1,0 +1,12 @@
+"""itaclip-core: training-free open-vocabulary semantic segmentation with CLIP (ITACLIP, SCLIP).
+
+Top level: `load_clip`, `tokenize`, `create_random_clip` and the `Segmentor`.
+"""
+
+from itaclip_core.model import CLIP, create_random_clip, load_clip, random_clip_state_dict, save_random_clip
+from itaclip_core.text.tokenizer import tokenize
+
+__version__ = "0.1.0"
+
+__all__ = ["CLIP", "create_random_clip", "load_clip", "random_clip_state_dict", "save_random_clip", "tokenize",
+           "__version__"]

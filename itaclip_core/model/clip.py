@@ -1,0 +1,289 @@
+"""CLIP (ViT image tower + causal text tower) with OpenAI's parameter names.
+
+Every parameter keeps the name it has in OpenAI's checkpoints (`visual.conv1.weight`,
+`visual.transformer.resblocks.N.attn.in_proj_weight`, `token_embedding.weight`, ...), so an official state dict
+loads with `strict=True` and no conversion. Tokens are kept batch-first, (B, N, D), throughout.
+
+Dense work goes through explicit methods rather than hooks: `ResidualAttentionBlock.qkv` gives a block's
+queries, keys and values, `ResidualAttentionBlock.attend` finishes a block from any attention output, and
+`VisionTransformer.embed` / `forward_intermediates` give the token stream before and between blocks. The attention
+variants in `itaclip_core.attention` are built on these.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """Sizes of a ViT CLIP; all of them can be read off an OpenAI-layout state dict (`config_from_state_dict`)."""
+
+    embed_dim: int  # size of the joint image-text embedding
+    image_size: int  # training resolution of the image tower (224 or 336)
+    patch_size: int  # side of a square patch in pixels
+    vision_width: int  # token width of the image tower
+    vision_layers: int  # number of image transformer blocks
+    vision_heads: int  # attention heads in the image tower (width // 64 in every OpenAI model)
+    context_length: int  # text context (77)
+    vocab_size: int  # text vocabulary (49408)
+    text_width: int  # token width of the text tower
+    text_layers: int  # number of text transformer blocks
+    text_heads: int  # attention heads in the text tower (width // 64)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype, as OpenAI's CLIP does for fp16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), the activation CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads")
+        # nn.MultiheadAttention holds the weights under OpenAI's names (in_proj_weight, out_proj); the computation
+        # below is explicit so that the queries, keys and values are available to the dense attention variants.
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))]
+            )
+        )
+        self.ln_2 = LayerNorm(width)
+        self.heads = heads
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of `ln_1(x)`, each (B, heads, N, head_dim). x: (B, N, width)."""
+        batch, tokens, width = x.shape
+        y = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)  # (B, N, 3 * width)
+        y = y.view(batch, tokens, 3, self.heads, width // self.heads)  # (B, N, 3, H, hd)
+        q, k, v = y.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, hd)
+        return q, k, v
+
+    def project(self, heads_out: torch.Tensor) -> torch.Tensor:
+        """Merge heads and apply the output projection: (B, H, N, hd) -> (B, N, width)."""
+        batch, heads, tokens, head_dim = heads_out.shape
+        merged = heads_out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)  # (B, N, width)
+        return self.attn.out_proj(merged)
+
+    def attend(
+        self, x: torch.Tensor, heads_out: torch.Tensor, residual: bool = True, mlp: bool = True
+    ) -> torch.Tensor:
+        """Finish the block from an attention output (B, H, N, hd), optionally without residual or MLP."""
+        y = self.project(heads_out)
+        x = x + y if residual else y
+        if mlp:
+            x = x + self.mlp(self.ln_2(x))
+        return x
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        return self.attend(x, F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+
+class Transformer(nn.Module):
+    """A stack of residual attention blocks (`resblocks.N`)."""
+
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False) -> None:
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.causal = causal
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, causal=self.causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's image tower: patch embedding, class token, transformer, `ln_post` and projection."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int) -> None:
+        super().__init__()
+        self.input_resolution = image_size
+        self.patch_size = patch_size
+        self.output_dim = output_dim
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width**-0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        return self.transformer.resblocks
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch grid (rows, cols) of an input of this size; the convolution drops any remainder."""
+        return height // self.patch_size, width // self.patch_size
+
+    def positional_embedding_for(self, rows: int, cols: int) -> torch.Tensor:
+        """Positional embedding for a rows x cols patch grid: (1 + rows * cols, width).
+
+        The training grid's embedding is resized bicubically with the scale factors (rows + 0.1) / base and
+        (cols + 0.1) / base, exactly as the published SCLIP and ITACLIP code does (the +0.1 makes the output size
+        round to the grid; the scale factors themselves, not the output size, set the sampling positions).
+        """
+        base = int(math.sqrt(self.positional_embedding.shape[0] - 1))
+        if (rows, cols) == (base, base):
+            return self.positional_embedding
+        cls_pos = self.positional_embedding[:1]
+        grid = self.positional_embedding[1:].reshape(1, base, base, -1).permute(0, 3, 1, 2)  # (1, width, base, base)
+        resized = F.interpolate(
+            grid.float(), scale_factor=((rows + 0.1) / base, (cols + 0.1) / base), mode="bicubic"
+        )  # (1, width, rows, cols)
+        if resized.shape[-2:] != (rows, cols):
+            raise RuntimeError(f"positional-embedding resize gave {tuple(resized.shape[-2:])}, expected {(rows, cols)}")
+        resized = resized.to(grid.dtype).permute(0, 2, 3, 1).reshape(rows * cols, -1)  # (rows * cols, width)
+        return torch.cat([cls_pos, resized], dim=0)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Tokens entering the first block: (B, 1 + rows * cols, width), class token first, after `ln_pre`."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        rows, cols = self.grid_size(images.shape[-2], images.shape[-1])
+        if rows < 1 or cols < 1:
+            raise ValueError(
+                f"an image of {images.shape[-2]}x{images.shape[-1]} px is smaller than one {self.patch_size}-px patch"
+            )
+        x = self.conv1(images.to(self.conv1.weight.dtype))  # (B, width, rows, cols)
+        x = x.flatten(2).transpose(1, 2)  # (B, rows * cols, width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + rows * cols, width)
+        x = x + self.positional_embedding_for(rows, cols).to(x.dtype)
+        return self.ln_pre(x)
+
+    def forward_intermediates(
+        self, images: torch.Tensor, indices: Sequence[int] = (), stop: int | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run blocks `0 .. stop-1` (all by default); return the last tokens and the outputs of blocks `indices`.
+
+        Indices are 0-based block numbers; tokens are (B, 1 + rows * cols, width), before `ln_post`.
+        """
+        x = self.embed(images)
+        stop = len(self.blocks) if stop is None else stop
+        wanted = set(indices)
+        outputs: list[torch.Tensor] = []
+        for index, block in enumerate(self.blocks[:stop]):
+            x = block(x)
+            if index in wanted:
+                outputs.append(x)
+        return x, outputs
+
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`ln_post` and projection of tokens: (..., width) -> (..., output_dim)."""
+        return self.ln_post(tokens) @ self.proj
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The standard CLIP image embedding: the projected class token, (B, output_dim)."""
+        tokens, _ = self.forward_intermediates(images)
+        return self.head(tokens[:, 0])
+
+
+class CLIP(nn.Module):
+    """OpenAI's CLIP with a ViT image tower."""
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.context_length = config.context_length
+        self.visual = VisionTransformer(
+            config.image_size,
+            config.patch_size,
+            config.vision_width,
+            config.vision_layers,
+            config.vision_heads,
+            config.embed_dim,
+        )
+        self.transformer = Transformer(config.text_width, config.text_layers, config.text_heads, causal=True)
+        self.vocab_size = config.vocab_size
+        self.token_embedding = nn.Embedding(config.vocab_size, config.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.text_width))
+        self.ln_final = LayerNorm(config.text_width)
+        self.text_projection = nn.Parameter(torch.empty(config.text_width, config.embed_dim))
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        # Identity of the weights (checkpoint sha256 or the random-model recipe); set by the loaders.
+        self.weights_id: str = "unknown"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (that of the patch-embedding weights)."""
+        return self.visual.conv1.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.conv1.weight.device
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (B, embed_dim): the projected class token, as OpenAI's `encode_image`."""
+        return self.visual(images)
+
+    def encode_text(self, tokens: torch.Tensor, trim: bool = True) -> torch.Tensor:
+        """Text embeddings (B, embed_dim): final layer norm at the end-of-text token, then the projection.
+
+        Args:
+            tokens: (B, context_length) ids from `tokenize`; the end-of-text token has the largest id.
+            trim: run the transformer only up to the longest end-of-text position of the batch. The causal mask
+                stops any later position from reaching an end-of-text token, so this gives the same embeddings for
+                a fraction of the work.
+        """
+        eot = tokens.argmax(dim=-1)  # (B,)
+        length = int(eot.max().item()) + 1 if trim and tokens.shape[0] else tokens.shape[1]
+        tokens = tokens[:, :length]
+        x = self.token_embedding(tokens).to(self.dtype)  # (B, L, text_width)
+        x = x + self.positional_embedding[:length].to(self.dtype)
+        x = self.transformer(x)
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, text_width)
+        return x @ self.text_projection.to(x.dtype)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled cosine-similarity logits, per image and per text, as OpenAI's `forward`."""
+        image_features = F.normalize(self.encode_image(images).float(), dim=-1)
+        text_features = F.normalize(self.encode_text(tokens).float(), dim=-1)
+        logits_per_image = self.logit_scale.exp().float() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+
+def cast_like_openai(model: CLIP, dtype: torch.dtype) -> CLIP:
+    """Cast the weights OpenAI's `convert_weights` casts (convolutions, linear layers, attention projections,
+    `proj`, `text_projection`) to `dtype`; layer norms, embeddings and `logit_scale` stay float32."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.to(dtype)
+        if isinstance(module, nn.MultiheadAttention):
+            module.in_proj_weight.data = module.in_proj_weight.data.to(dtype)
+            module.in_proj_bias.data = module.in_proj_bias.data.to(dtype)
+    model.visual.proj.data = model.visual.proj.data.to(dtype)
+    model.text_projection.data = model.text_projection.data.to(dtype)
+    return model

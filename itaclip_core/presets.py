@@ -1,0 +1,188 @@
+"""Segmentor settings and the presets of the published methods.
+
+`SegmentorConfig` holds every knob of the pipeline; a preset is a named config. Every field can be overridden from
+Python (`config.replace(stride=56)`) or from strings (`apply_overrides(config, ["stride=56", "aux_file=none"])`,
+which is what the CLI's `--set key=value` uses).
+
+ITACLIP presets use the published per-dataset settings (ViT-B/16, crop 224, stride 28, five-view image engineering,
+self-self attention with blocks 7, 8, 10 fused into the last block, definitions or synonyms, PAMR 10 steps with
+dilations 8 and 16, 3x3 closing). SCLIP presets use SCLIP's settings (stride 112, self-self attention in the last
+block with its residual and MLP, no PAMR, no closing, SCLIP's class files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from itaclip_core.attention.dense import DenseConfig
+
+
+@dataclass(frozen=True)
+class SegmentorConfig:
+    """Every setting of the segmentation pipeline."""
+
+    name: str = "custom"  # preset name, recorded in reports
+    method: str = "itaclip"  # "itaclip", "sclip" or "custom": informational
+    dataset: str | None = None  # dataset registry name this preset evaluates on (None: open vocabulary)
+    classes: str | None = None  # class-name file (under texts/ or a path); None: classes are given to the Segmentor
+    background: bool = False  # class 0 is background: not mixed with auxiliary text; area threshold spares it
+    aux_file: str | None = None  # definitions/synonyms file (`name >=text` per non-background class) or None
+    aux_coef: float = 0.0  # weight c of the auxiliary embedding: (1 - c) * name + c * aux
+    templates: str = "templates/openai_imagenet_templates.txt"  # prompt templates (under texts/ or a path)
+    short_side: int = 336  # keep-ratio resize target of the short side
+    long_side: int = 2048  # cap of the long side in that resize
+    crop: int = 224  # sliding-window size in pixels
+    stride: int = 28  # sliding-window step in pixels
+    attention: str = "selfself"  # attention variant of the last block (see itaclip_core.attention)
+    fuse_blocks: tuple[int, ...] = (7, 8, 10)  # 1-based blocks whose attention maps are fused into the last one
+    fuse_attention: str | None = None  # variant for the fused blocks' maps (None: same as `attention`)
+    fuse_weight: float = 0.5  # weight of the last block's own map in the fusion
+    last_residual: bool = True  # keep the last block's residual connection
+    last_mlp: bool = False  # keep the last block's MLP
+    image_engineering: bool = True  # five views per crop (original, gray, blur, two flips)
+    img_eng_coef: float = 0.75  # weight of the original/gray/blur views against the flipped ones
+    pamr_steps: int = 10  # PAMR iterations (0: no PAMR)
+    pamr_dilations: tuple[int, ...] = (8, 16)  # PAMR neighbour distances
+    logit_scale: float = 40.0  # multiplies similarities before the softmax over queries
+    prob_thd: float = 0.0  # pixels whose top probability is below it become class 0
+    area_thd: float | None = None  # classes (other than 0) with a smaller share of the predicted area are dropped
+    closing: bool = True  # 3x3 morphological closing of the label map
+    batch_size: int = 40  # images (crops x views) per forward pass of the image tower
+    text_batch_size: int = 256  # prompts per forward pass of the text tower
+    truncate_texts: bool = False  # cut prompts longer than 77 tokens instead of refusing them
+
+    def dense_config(self) -> DenseConfig:
+        """The image tower's dense readout for these settings."""
+        return DenseConfig(
+            variant=self.attention,
+            fuse_blocks=tuple(self.fuse_blocks),
+            fuse_variant=self.fuse_attention,
+            fuse_weight=self.fuse_weight,
+            last_residual=self.last_residual,
+            last_mlp=self.last_mlp,
+        )
+
+    def replace(self, **changes: Any) -> "SegmentorConfig":
+        """A copy with some fields changed (unknown field names raise)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(field_names())}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(SegmentorConfig)]
+
+
+def _itaclip(name: str, dataset: str, classes: str, background: bool, aux: str, aux_coef: float, short_side: int,
+             logit_scale: float, prob_thd: float, area_thd: float | None, img_eng_coef: float) -> SegmentorConfig:
+    return SegmentorConfig(
+        name=name, method="itaclip", dataset=dataset, classes=f"class_names/itaclip/{classes}", background=background,
+        aux_file=aux, aux_coef=aux_coef, short_side=short_side, stride=28, attention="selfself",
+        fuse_blocks=(7, 8, 10), fuse_weight=0.5, last_mlp=False, image_engineering=True, img_eng_coef=img_eng_coef,
+        pamr_steps=10, logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd, closing=True,
+    )
+
+
+def _sclip(name: str, dataset: str, classes: str, background: bool, short_side: int, logit_scale: float = 40.0,
+           prob_thd: float = 0.0, area_thd: float | None = None) -> SegmentorConfig:
+    return SegmentorConfig(
+        name=name, method="sclip", dataset=dataset, classes=f"class_names/sclip/{classes}", background=background,
+        short_side=short_side, stride=112, attention="selfself", fuse_blocks=(), last_mlp=True,
+        image_engineering=False, pamr_steps=0, logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd,
+        closing=False,
+    )
+
+
+PRESETS: dict[str, SegmentorConfig] = {
+    p.name: p
+    for p in [
+        _itaclip("itaclip_voc21", "voc21", "cls_voc21.txt", True, "definitions/voc21.txt", 0.05, 336, 60, 0.1, 0.1,
+                 0.70),
+        _itaclip("itaclip_context60", "context60", "cls_context60.txt", True, "definitions/context60.txt", 0.15, 336,
+                 55, 0.1, None, 0.75),
+        _itaclip("itaclip_coco_object", "coco_object", "cls_coco_object.txt", True, "synonyms/coco_object.txt", 0.10,
+                 336, 50, 0.1, None, 0.75),
+        _itaclip("itaclip_coco_stuff", "coco_stuff", "cls_coco_stuff.txt", False, "definitions/coco_stuff.txt", 0.20,
+                 448, 40, 0.0, None, 0.75),
+        _itaclip("itaclip_cityscapes", "cityscapes", "cls_cityscapes.txt", False, "synonyms/cityscapes.txt", 0.05,
+                 560, 40, 0.0, None, 0.70),
+        _sclip("sclip_voc21", "voc21", "cls_voc21.txt", True, 336, logit_scale=65, prob_thd=0.1, area_thd=0.1),
+        _sclip("sclip_voc20", "voc20", "cls_voc20.txt", False, 336),
+        _sclip("sclip_context60", "context60", "cls_context60.txt", True, 336, logit_scale=50, prob_thd=0.1),
+        _sclip("sclip_context59", "context59", "cls_context59.txt", False, 336),
+        _sclip("sclip_coco_object", "coco_object", "cls_coco_object.txt", True, 336, logit_scale=50, prob_thd=0.1),
+        _sclip("sclip_coco_stuff", "coco_stuff", "cls_coco_stuff.txt", False, 448),
+        _sclip("sclip_cityscapes", "cityscapes", "cls_city_scapes.txt", False, 560),
+        _sclip("sclip_ade20k", "ade20k", "cls_ade20k.txt", False, 336),
+        # Arbitrary user classes with ITACLIP's architecture and image engineering; no auxiliary text unless given.
+        SegmentorConfig(name="open_vocab", method="itaclip", dataset=None, classes=None, background=False,
+                        short_side=336, stride=28, img_eng_coef=0.75, logit_scale=40, prob_thd=0.0, area_thd=None),
+    ]
+}
+
+
+def get_preset(name: str) -> SegmentorConfig:
+    """The preset called `name`."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}") from None
+
+
+def list_presets() -> list[str]:
+    return list(PRESETS)
+
+
+_NONE_WORDS = ("none", "null", "")
+
+
+def _parse_value(raw: str, key: str) -> Any:
+    """Convert `raw` to the type of the config field `key`."""
+    text = raw.strip()
+    hint = typing.get_type_hints(SegmentorConfig)[key]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if text.lower() in _NONE_WORDS:
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    try:
+        if hint is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        if typing.get_origin(hint) is tuple:
+            return () if text.lower() in _NONE_WORDS else tuple(int(v) for v in text.replace(" ", "").split(","))
+        return text
+    except ValueError as error:
+        raise ValueError(f"--set {key}={raw}: cannot read {raw!r} for {key} ({error})") from None
+
+
+def apply_overrides(config: SegmentorConfig, overrides: Iterable[str] | dict[str, Any] | None) -> SegmentorConfig:
+    """Apply `key=value` strings (or a dict) to a config; values are converted to each field's type."""
+    if not overrides:
+        return config
+    if isinstance(overrides, dict):
+        return config.replace(**overrides)
+    changes: dict[str, Any] = {}
+    names = field_names()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in names:
+            raise ValueError(f"--set {item!r}: expected key=value with key one of {', '.join(names)}")
+        changes[key] = _parse_value(value, key)
+    return config.replace(**changes)
+

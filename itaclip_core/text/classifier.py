@@ -1,0 +1,197 @@
+"""The text classifier: one embedding per class-name variant, optionally mixed with auxiliary texts.
+
+Each text (a name variant, or a definition / synonym list) is put into every prompt template; the prompts are encoded,
+each embedding L2-normalised, averaged over the templates and normalised again. With auxiliary texts, every variant
+of a non-background class becomes `(1 - c) * name + c * aux` (not renormalised); background variants keep their own
+embedding. This is the published ITACLIP / SCLIP construction.
+
+Speed without changing the result:
+- all prompts of all texts are encoded together, sorted by length, in large batches;
+- the text tower is run only up to the longest end-of-text token of each batch (`CLIP.encode_text(trim=True)`):
+  under the causal mask nothing after a prompt's end token can reach it;
+- embeddings are cached on disk per text, keyed by the weights' identity, the dtype and the templates, so a second
+  run with the same texts encodes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from itaclip_core.model.clip import CLIP
+from itaclip_core.resources import text_file
+from itaclip_core.text.classes import ClassVocabulary, TextFileError
+from itaclip_core.text.tokenizer import TokenizerError, tokenize
+
+DEFAULT_TEMPLATES = "templates/openai_imagenet_templates.txt"
+
+
+def load_templates(path: str | Path | None = None) -> list[str]:
+    """Prompt templates, one per line with `{}` where the text goes (default: OpenAI's 80 ImageNet templates)."""
+    source = Path(path) if path is not None and Path(path).is_file() else text_file(path or DEFAULT_TEMPLATES)
+    templates = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise TextFileError(f"{source}: every template needs exactly one '{{}}' (offending: {bad[:3]})")
+    return templates
+
+
+def fill_template(template: str, text: str) -> str:
+    return template.replace("{}", text)
+
+
+@dataclass
+class TextClassifier:
+    """What the image side is compared with: one row per query (name variant)."""
+
+    features: torch.Tensor  # (Q, D) float32, the (mixed) query embeddings
+    query_to_class: torch.Tensor  # (Q,) int64, the class of each query
+    class_names: list[str]  # display name per class
+    queries: list[str]  # the name variant of each row
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to(self, device: torch.device | str) -> "TextClassifier":
+        return TextClassifier(self.features.to(device), self.query_to_class.to(device), self.class_names, self.queries)
+
+
+def _bank_path(cache_dir: Path, model: CLIP, templates: Sequence[str]) -> Path:
+    key = json.dumps({"weights": model.weights_id, "dtype": str(model.dtype), "templates": list(templates)})
+    return cache_dir / "text_features" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+
+
+def _load_bank(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        return {}
+    try:
+        bank = torch.load(path, map_location="cpu", weights_only=True)
+        return bank if isinstance(bank, dict) else {}
+    except Exception:  # a damaged cache file is recomputed, never trusted
+        return {}
+
+
+def _save_bank(path: Path, bank: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    os.close(handle)
+    try:
+        torch.save(bank, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def _encode_uncached(
+    model: CLIP, texts: list[str], templates: Sequence[str], batch_size: int, truncate: bool, progress: bool
+) -> torch.Tensor:
+    """Template-averaged, normalised embeddings (T, D) float32 of `texts`."""
+    prompts = [fill_template(t, text) for text in texts for t in templates]
+    try:
+        tokens = tokenize(prompts, context_length=model.context_length, truncate=truncate)
+    except TokenizerError:
+        for text in texts:  # name the offending class text, not just one of its prompts
+            try:
+                tokenize([fill_template(t, text) for t in templates], model.context_length, truncate=truncate)
+            except TokenizerError as error:
+                raise TokenizerError(
+                    f"the class text {text!r} does not fit CLIP's {model.context_length}-token context inside the "
+                    f"prompt templates ({error}); shorten it"
+                ) from None
+        raise
+    order = torch.argsort(tokens.argmax(dim=-1), stable=True)  # shortest prompts first
+    embeddings = torch.empty(len(prompts), model.config.embed_dim, dtype=torch.float32)
+    device = model.device
+    for start in tqdm(range(0, len(prompts), batch_size), desc="text prompts", disable=not progress, leave=False):
+        index = order[start : start + batch_size]
+        out = model.encode_text(tokens[index].to(device), trim=True).float()
+        embeddings[index] = F.normalize(out, dim=-1).cpu()
+    per_text = embeddings.view(len(texts), len(templates), -1).mean(dim=1)  # (T, D)
+    return F.normalize(per_text, dim=-1)
+
+
+def encode_texts(
+    model: CLIP,
+    texts: Sequence[str],
+    templates: Sequence[str],
+    batch_size: int = 256,
+    truncate: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Template-averaged, L2-normalised embeddings (T, D) float32 of `texts`, on the CPU.
+
+    Args:
+        model: the CLIP whose text tower encodes the prompts.
+        texts: class-name variants or auxiliary texts.
+        templates: prompt templates with `{}`.
+        batch_size: prompts per forward pass.
+        truncate: cut prompts longer than the context instead of raising an error naming the text.
+        cache_dir: where embeddings are cached (`None`: no cache).
+        progress: show a progress bar over prompt batches.
+    """
+    unique = list(dict.fromkeys(texts))
+    bank: dict[str, torch.Tensor] = {}
+    bank_file = None
+    if cache_dir is not None and model.weights_id != "unknown":
+        bank_file = _bank_path(Path(cache_dir), model, templates)
+        bank = _load_bank(bank_file)
+        if truncate:
+            bank = {}  # truncated embeddings are not cached under the plain key
+    missing = [text for text in unique if text not in bank]
+    if missing:
+        fresh = _encode_uncached(model, missing, templates, batch_size, truncate, progress)
+        bank.update({text: fresh[i].clone() for i, text in enumerate(missing)})
+        if bank_file is not None and not truncate:
+            _save_bank(bank_file, {**_load_bank(bank_file), **bank})
+    return torch.stack([bank[text] for text in texts]) if texts else torch.empty(0, model.config.embed_dim)
+
+
+def build_classifier(
+    model: CLIP,
+    vocab: ClassVocabulary,
+    templates: Sequence[str],
+    aux_texts: Sequence[str] | None = None,
+    aux_coef: float = 0.0,
+    background: bool = False,
+    batch_size: int = 256,
+    truncate: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+) -> TextClassifier:
+    """The text classifier of a class vocabulary.
+
+    Args:
+        aux_texts: one auxiliary text per non-background class, in class order (or None).
+        aux_coef: weight of the auxiliary embedding in `(1 - c) * name + c * aux`.
+        background: class 0 is background; its variants are not mixed and `aux_texts` skips it.
+        (other arguments as in `encode_texts`)
+    """
+    queries = vocab.queries
+    query_to_class = vocab.query_to_class
+    texts = list(queries) + (list(aux_texts) if aux_texts is not None else [])
+    embeddings = encode_texts(model, texts, templates, batch_size, truncate, cache_dir, progress)
+    features = embeddings[: len(queries)].clone()
+    if aux_texts is not None:
+        expected = vocab.num_classes - (1 if background else 0)
+        if len(aux_texts) != expected:
+            raise TextFileError(
+                f"{len(aux_texts)} auxiliary texts for {expected} {'non-background ' if background else ''}classes"
+            )
+        aux = embeddings[len(queries) :]
+        for row, cls in enumerate(query_to_class):
+            if background and cls == 0:
+                continue
+            features[row] = (1.0 - aux_coef) * features[row] + aux_coef * aux[cls - 1 if background else cls]
+    return TextClassifier(features, torch.tensor(query_to_class, dtype=torch.long), vocab.class_names, list(queries))
