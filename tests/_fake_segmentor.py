@@ -1,10 +1,10 @@
 """A stand-in segmentor for runner tests: predicts each pixel's class from its colour.
 
 On the synthetic datasets made with `easy=True`, every region is painted in its class's colour, so looking the
-colour up recovers most labels; the lookup is done on a grid of 16-pixel patches (like a ViT's), so borders
-are blocky and the scores are high but not perfect. Built by `make(preset, weights=, device=, overrides=)` as `itaclip eval --segmentor-factory` expects;
-the preset is `fake_<dataset>`; overrides: `delay=SECONDS` (sleep per image), `short_side=N`, `shift=K` (add K
-to every prediction modulo the class count, to make a bad segmentor).
+colour up recovers most labels; the lookup is done on a grid of 16-pixel patches (like a ViT's), so borders are
+blocky and the scores are high but not perfect. Built by `make(preset, weights=, device=, overrides=)` as
+`itaclip eval --segmentor-factory` expects; the preset is `fake_<dataset>`; overrides: `delay=SECONDS` (sleep
+per image), `short_side=N`, `patch=N`, `shift=K` (add K to every prediction modulo the class count).
 """
 
 from __future__ import annotations

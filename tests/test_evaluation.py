@@ -55,7 +55,8 @@ def _options(out: Path, **changes) -> EvalOptions:
 
 def _run(city_root: Path, out: Path, overrides: list[str] | None = None, **changes) -> dict:
     segmentor = make_fake("fake_cityscapes", weights="fake", overrides=overrides or [])
-    return evaluate(segmentor, get_dataset("cityscapes", city_root), _options(out, overrides=overrides or [], **changes))
+    options = _options(out, overrides=overrides or [], **changes)
+    return evaluate(segmentor, get_dataset("cityscapes", city_root), options)
 
 
 def _complete_lines(path: Path) -> list[dict]:
@@ -123,7 +124,8 @@ def test_cli_refuses_other_settings_with_a_clear_message(
     city_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     base = ["eval", "--preset", "fake_cityscapes", "--data-root", str(city_root), "--segmentor-factory",
-            "_fake_segmentor:make", "--out", str(tmp_path / "run"), "--workers", "0", "-q", "--num-samples", "2"]  # fmt: skip
+            "_fake_segmentor:make", "--out", str(tmp_path / "run"), "--workers", "0", "-q",
+            "--num-samples", "2"]  # fmt: skip
     assert main(base) == 0
     assert main(base + ["--set", "shift=1"]) == 2
     err = capsys.readouterr().err
@@ -179,7 +181,8 @@ def _cli_env() -> dict[str, str]:
 
 def _eval_command(city_root: Path, out: Path, *extra: str) -> list[str]:
     return ["-m", "itaclip_core.cli", "eval", "--preset", "fake_cityscapes", "--data-root", str(city_root),
-            "--segmentor-factory", "_fake_segmentor:make", "--weights", "fake", "--out", str(out), "-q", *extra]  # fmt: skip
+            "--segmentor-factory", "_fake_segmentor:make", "--weights", "fake", "--out", str(out), "-q",
+            *extra]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -225,3 +228,36 @@ def test_two_processes_under_torchrun_give_identical_counts(city_root: Path, ref
     # the records of the two-process run are reused by a single process
     resumed = _run(city_root, out, workers=0)
     assert resumed["run"]["computed"] == 0 and resumed["counts"] == results["counts"]
+
+
+@pytest.mark.slow
+def test_end_to_end_with_a_random_tiny_clip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from itaclip_core.segmentor import Segmentor
+
+    monkeypatch.setenv("ITACLIP_CACHE", str(tmp_path / "cache"))
+    root = make_synthetic_dataset("voc21", tmp_path / "voc", num_images=2, sizes=[(64, 80), (72, 60)], easy=True)
+    templates = tmp_path / "templates.txt"  # two prompt templates instead of 80 keep the text tower cheap
+    templates.write_text("a photo of a {}.\nthere is a {} in the scene.\n")
+    overrides = ["short_side=224", f"templates={templates}"]
+    out = tmp_path / "run"
+    arguments = ["eval", "--preset", "itaclip_voc21", "--data-root", str(root), "--weights", "random-tiny",
+                 "--out", str(out), "--workers", "1", "--set", overrides[0], "--set", overrides[1], "--save-vis", "1",
+                 "--save-preds", str(tmp_path / "preds"), "--device", "cpu", "-q"]  # fmt: skip
+    assert main(arguments) == 0
+    results = json.loads((out / "results.json").read_text())
+    # the same images through the segmentor's own image path, scored directly
+    segmentor = Segmentor.from_preset("itaclip_voc21", weights="random-tiny", device="cpu", overrides=overrides)
+    dataset = get_dataset("voc21", root)
+    direct = IoUAccumulator(dataset.num_classes)
+    for index, sample in enumerate(dataset.samples):
+        labels = segmentor.predict(sample.image_path).labels
+        direct.update(labels, dataset.load_label(index))
+        assert np.array_equal(np.array(Image.open(tmp_path / "preds" / f"{sample.name}.png")), labels)
+    assert results["counts"] == direct.results()["counts"] and results["num_images"] == 2
+    assert results["weights_id"] == segmentor.weights_id
+    assert results["config"]["name"] == "itaclip_voc21" and results["config"]["short_side"] == 224
+    assert results["overrides"] == overrides
+    assert len(list((out / "vis").glob("*.png"))) == 1
+    assert main(arguments) == 0  # a finished run started again recomputes nothing
+    again = json.loads((out / "results.json").read_text())
+    assert again["run"]["computed"] == 0 and again["counts"] == results["counts"]

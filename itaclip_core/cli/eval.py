@@ -60,6 +60,11 @@ def _run(args: argparse.Namespace) -> int:
     context = init_distributed(args.device)
     try:
         segmentor = factory(args.preset, weights=args.weights, device=context.device, overrides=list(args.set))
+        if not getattr(segmentor.config, "dataset", None):
+            raise ValueError(
+                f"preset {args.preset!r} is not tied to a benchmark (its config has no dataset); choose a benchmark "
+                "preset such as itaclip_voc21 or sclip_ade20k"
+            )
         dataset = get_dataset(segmentor.config.dataset, args.data_root)
         out_dir = Path(args.out) if args.out else _default_out(args.preset, args.weights)
         options = EvalOptions(
@@ -74,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         results = evaluate(segmentor, dataset, options, context)
-    except (DatasetError, ResumeError, ValueError) as error:
+    except (DatasetError, ResumeError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -42,7 +42,7 @@ from itaclip_core.metrics import IoUAccumulator, intersect_and_union
 class SegmentorLike(Protocol):
     """What the runner needs from a segmentor (`itaclip_core.segmentor.Segmentor` has it)."""
 
-    config: Any  # has `.dataset`, `.short_side`, `.name` and `to_dict()`
+    config: Any  # has `.dataset`, `.short_side` (and optionally `.long_side`), `.name` and `to_dict()`
     class_names: list[str]
     weights_id: str
 
@@ -68,10 +68,11 @@ class EvalOptions:
 class _EvalItems(Dataset):
     """Loads (index, prepared image, label) for the indices to evaluate; runs in worker processes."""
 
-    def __init__(self, dataset: SegDataset, indices: Sequence[int], short_side: int) -> None:
+    def __init__(self, dataset: SegDataset, indices: Sequence[int], short_side: int, long_side: int = 2048) -> None:
         self.dataset = dataset
         self.indices = list(indices)
         self.short_side = short_side
+        self.long_side = long_side
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -79,7 +80,7 @@ class _EvalItems(Dataset):
     def __getitem__(self, position: int) -> tuple[int, PreparedImage, np.ndarray]:
         index = self.indices[position]
         sample = self.dataset.samples[index]
-        prepared = prepare_image(sample.image_path, self.short_side, name=sample.name)
+        prepared = prepare_image(sample.image_path, self.short_side, self.long_side, name=sample.name)
         return index, prepared, self.dataset.load_label(index)
 
 
@@ -193,8 +194,9 @@ def evaluate(
             record = saved[index]
             accumulator.add(record.intersect, record.union, record.pred, record.label)
     palette = vis.palette(num_classes, _palette_name(dataset.name))
+    long_side = int(getattr(segmentor.config, "long_side", 2048))
     loader = DataLoader(
-        _EvalItems(dataset, todo, int(segmentor.config.short_side)),
+        _EvalItems(dataset, todo, int(segmentor.config.short_side), long_side),
         batch_size=1,
         shuffle=False,
         num_workers=options.workers,
