@@ -176,8 +176,9 @@ def evaluate(
         try:
             check_or_write_manifest(out_dir, manifest)
             for stale in (out_dir / "records").glob("rank*.jsonl"):
-                if int(stale.stem[4:] or 0) >= context.world_size:
-                    repair_tail(stale, num_classes)  # files of processes that do not exist in this run
+                number = stale.stem[len("rank"):]
+                if not number.isdigit() or int(number) >= context.world_size:
+                    repair_tail(stale, num_classes)  # files no process of this run writes to
         except ResumeError as failure:
             error = str(failure)
     error = context.broadcast_from_main(error)
@@ -236,7 +237,7 @@ def evaluate(
         "computed": int(tallies[1]),
         "loaded_from_records": int(tallies[2]),
         "seconds": round(time.time() - started, 3),
-        "device": context.device,
+        "device": str(getattr(getattr(segmentor, "model", None), "device", context.device)),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     results = build_results(accumulator, dataset, segmentor, manifest, run_info)
