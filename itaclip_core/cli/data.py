@@ -1,0 +1,82 @@
+"""`itaclip data ...`: dataset preparation and checks.
+
+    itaclip data check ROOT --dataset NAME [--max-images N]
+    itaclip data coco-object COCO_STUFF_ROOT [-o OUT] [--splits val2017 train2017]
+    itaclip data synthetic NAME OUT [--num-images N] [--seed S] [--easy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from itaclip_core.data.base import DatasetError
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from itaclip_core.data.check import check_dataset, format_report
+    from itaclip_core.data.registry import get_dataset
+
+    problems = check_dataset(args.dataset, args.root, max_images=args.max_images, progress=not args.quiet)
+    try:
+        num_listed: int | None = len(get_dataset(args.dataset, args.root))
+    except DatasetError:
+        num_listed = None
+    print(format_report(args.dataset, args.root, problems, num_listed))
+    return 1 if problems else 0
+
+
+def _run_coco_object(args: argparse.Namespace) -> int:
+    from itaclip_core.data.coco_object import convert_coco_object
+
+    try:
+        summary = convert_coco_object(args.coco_root, args.out, splits=args.splits, progress=not args.quiet)
+    except DatasetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = args.out or args.coco_root
+    copied = f", {summary.images_copied} images copied" if summary.images_copied else ""
+    print(f"COCO-Object labels in {out}/annotations: {summary.converted} converted, {summary.skipped} already there"
+          f"{copied}")
+    return 0
+
+
+def _run_synthetic(args: argparse.Namespace) -> int:
+    from itaclip_core.data.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(args.name, args.out, num_images=args.num_images, seed=args.seed, easy=args.easy)
+    print(f"synthetic {args.name} dataset written to {root}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `itaclip data` and its sub-commands to the `itaclip` parser."""
+    from itaclip_core.data.registry import DATASET_NAMES
+
+    parser = subparsers.add_parser("data", help="prepare and check benchmark datasets")
+    commands = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+    check = commands.add_parser("check", help="report what is missing or malformed in a dataset folder")
+    check.add_argument("root", help="dataset root (MMSegmentation layout)")
+    check.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="benchmark name")
+    check.add_argument("--max-images", type=int, default=None, help="read only the first N images and labels")
+    check.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    check.set_defaults(func=_run_check)
+
+    coco = commands.add_parser(
+        "coco-object", help="build COCO-Object _instanceTrainIds.png maps from COCO-Stuff 164k stuff-thing maps"
+    )
+    coco.add_argument("coco_root", help="COCO-Stuff 164k root holding images/ and annotations/<split>/<id>.png")
+    coco.add_argument("-o", "--out", default=None, help="output root (default: the input root)")
+    coco.add_argument("--splits", nargs="+", default=["val2017"], help="splits to convert (default: val2017)")
+    coco.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    coco.set_defaults(func=_run_coco_object)
+
+    synthetic = commands.add_parser("synthetic", help="write a small synthetic dataset in a benchmark's layout")
+    synthetic.add_argument("name", choices=DATASET_NAMES, help="benchmark whose layout to write")
+    synthetic.add_argument("out", help="folder to write into")
+    synthetic.add_argument("--num-images", type=int, default=4, help="number of evaluation images")
+    synthetic.add_argument("--seed", type=int, default=0, help="random seed")
+    synthetic.add_argument("--easy", action="store_true", help="flat class colours (easy to segment)")
+    synthetic.set_defaults(func=_run_synthetic)
