@@ -116,3 +116,18 @@ def test_forward_gives_scaled_cosine_logits(tiny_clip, golden_forward):
     expected = math.exp(golden_forward["logit_scale"].item()) * image @ text.T
     assert torch.allclose(per_image, expected, atol=1e-3)
     assert torch.equal(per_text, per_image.T)
+
+
+def test_shared_prefix_encoding_equals_plain_encoding(tiny_clip):
+    from itaclip_core import tokenize
+
+    prompts = [f"a bad photo of a {name}." for name in ["cat", "television monitor", "dog that runs in the park", "x"]]
+    tokens = tokenize(prompts)
+    assert torch.equal(tokens[:, :6], tokens[:1, :6].expand(4, -1))  # <start> a bad photo of a
+    with torch.no_grad():
+        plain = tiny_clip.encode_text(tokens)
+        for prefix in (1, 3, 6):
+            shared = tiny_clip.encode_text_shared_prefix(tokens, prefix)
+            assert (shared - plain).abs().max().item() < 1e-5
+        # A prefix that would swallow an end-of-text token falls back to the plain path.
+        assert torch.allclose(tiny_clip.encode_text_shared_prefix(tokens, 9), plain, atol=1e-5)

@@ -5,10 +5,11 @@ each embedding L2-normalised, averaged over the templates and normalised again. 
 of a non-background class becomes `(1 - c) * name + c * aux` (not renormalised); background variants keep their own
 embedding. This is the published ITACLIP / SCLIP construction.
 
-Speed without changing the result:
-- all prompts of all texts are encoded together, sorted by length, in large batches;
-- the text tower is run only up to the longest end-of-text token of each batch (`CLIP.encode_text(trim=True)`):
-  under the causal mask nothing after a prompt's end token can reach it;
+Speed without changing the result (both rest on the text tower's causal mask):
+- prompts are encoded per template, many texts per batch, sorted by length, and each batch is run only up to its
+  longest end-of-text token: nothing after a prompt's end token can reach it;
+- the tokens a template puts before the text (`<start> a photo of a`) are the same for every text: they are run
+  once per batch and their keys and values reused (`CLIP.encode_text_shared_prefix`);
 - embeddings are cached on disk per text, keyed by the weights' identity, the dtype and the templates, so a second
   run with the same texts encodes nothing.
 """
@@ -110,14 +111,19 @@ def _encode_uncached(
                     f"prompt templates ({error}); shorten it"
                 ) from None
         raise
-    order = torch.argsort(tokens.argmax(dim=-1), stable=True)  # shortest prompts first
-    embeddings = torch.empty(len(prompts), model.config.embed_dim, dtype=torch.float32)
+    grouped = tokens.view(len(texts), len(templates), -1)  # (T, templates, context)
+    embeddings = torch.empty(len(texts), len(templates), model.config.embed_dim, dtype=torch.float32)
     device = model.device
-    for start in tqdm(range(0, len(prompts), batch_size), desc="text prompts", disable=not progress, leave=False):
-        index = order[start : start + batch_size]
-        out = model.encode_text(tokens[index].to(device), trim=True).float()
-        embeddings[index] = F.normalize(out, dim=-1).cpu()
-    per_text = embeddings.view(len(texts), len(templates), -1).mean(dim=1)  # (T, D)
+    batches = [(t, rows) for t in range(len(templates)) for rows in torch.split(
+        torch.argsort(grouped[:, t].argmax(dim=-1), stable=True), batch_size)]
+    for template, rows in tqdm(batches, desc="text prompts", disable=not progress, leave=False):
+        group = grouped[rows, template]  # (n, context): one template, several texts, shortest first
+        differs = (group != group[:1]).any(dim=0)
+        shared = int(differs.float().argmax()) if differs.any() else group.shape[1]
+        shared = min(shared, int(group.argmax(dim=-1).min()))  # every end-of-text token stays in the suffix
+        out = model.encode_text_shared_prefix(group.to(device), shared).float()
+        embeddings[rows, template] = F.normalize(out, dim=-1).cpu()
+    per_text = embeddings.mean(dim=1)  # (T, D)
     return F.normalize(per_text, dim=-1)
 
 
@@ -125,7 +131,7 @@ def encode_texts(
     model: CLIP,
     texts: Sequence[str],
     templates: Sequence[str],
-    batch_size: int = 256,
+    batch_size: int | None = None,
     truncate: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = False,
@@ -136,7 +142,7 @@ def encode_texts(
         model: the CLIP whose text tower encodes the prompts.
         texts: class-name variants or auxiliary texts.
         templates: prompt templates with `{}`.
-        batch_size: prompts per forward pass.
+        batch_size: prompts (texts of one template) per forward pass; None: 256 on CPU, 1024 on GPU.
         truncate: cut prompts longer than the context instead of raising an error naming the text.
         cache_dir: where embeddings are cached (`None`: no cache).
         progress: show a progress bar over prompt batches.
@@ -149,6 +155,8 @@ def encode_texts(
         bank = _load_bank(bank_file)
         if truncate:
             bank = {}  # truncated embeddings are not cached under the plain key
+    if batch_size is None:
+        batch_size = 1024 if model.device.type == "cuda" else 256
     missing = [text for text in unique if text not in bank]
     if missing:
         fresh = _encode_uncached(model, missing, templates, batch_size, truncate, progress)
@@ -165,7 +173,7 @@ def build_classifier(
     aux_texts: Sequence[str] | None = None,
     aux_coef: float = 0.0,
     background: bool = False,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     truncate: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = False,
