@@ -21,6 +21,7 @@ import platform
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,42 @@ DEFAULT_IMAGE = _CHECKOUT_IMAGE if _CHECKOUT_IMAGE.is_file() else Path(__file__)
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RssSampler:
+    """Peak resident memory of this process while a step runs, sampled every few milliseconds (Linux)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mib())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self.start = _rss_mib()
+        self.peak = self.start
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+
+    @property
+    def added_mib(self) -> float:
+        """How far the step raised the resident memory above where it started."""
+        return self.peak - self.start
 
 
 def _sync(device: torch.device) -> None:
@@ -85,7 +122,6 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     vocab, aux = _texts(config)
     templates = load_templates(config.templates)
     _warm_up(model, config, device)
-    base_rss = _peak_rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result: dict[str, Any] = {"texts": len(vocab.queries) + (len(aux) if aux else 0), "prompts_per_text": len(templates)}
@@ -94,10 +130,12 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         limit = spec.get("text_limit")
         queries = vocab.queries[:limit] if limit else vocab.queries
         _sync(device)
-        start = time.perf_counter()
-        reference.text_features(model, queries, templates)
-        _sync(device)
-        elapsed = time.perf_counter() - start
+        with RssSampler() as memory:
+            start = time.perf_counter()
+            reference.text_features(model, queries, templates)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+        result["step_rss_mib"] = memory.added_mib
         result["measured_texts"] = len(queries)
         result["seconds"] = elapsed * result["texts"] / len(queries)
         result["extrapolated"] = len(queries) < result["texts"]
@@ -105,11 +143,14 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         cache = Path(spec["cache_dir"])
         for key in ("cold", "warm"):
             _sync(device)
-            start = time.perf_counter()
-            build_classifier(model, vocab, templates, aux, config.aux_coef, config.background,
-                             batch_size=config.text_batch_size, cache_dir=cache)
-            _sync(device)
-            result[f"seconds_{key}"] = time.perf_counter() - start
+            with RssSampler() as memory:
+                start = time.perf_counter()
+                build_classifier(model, vocab, templates, aux, config.aux_coef, config.background,
+                                 batch_size=config.text_batch_size, cache_dir=cache)
+                _sync(device)
+                result[f"seconds_{key}"] = time.perf_counter() - start
+            if key == "cold":
+                result["step_rss_mib"] = memory.added_mib
         result["seconds"] = result["seconds_cold"]
     else:
         from itaclip_core.inference.preprocess import prepare_image
@@ -117,12 +158,13 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
         segmentor = Segmentor(model, config, cache_dir=Path(spec["cache_dir"]))
         prepared = prepare_image(spec["image"], config.short_side, config.long_side)
-        base_rss = _peak_rss_mib()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = []
+        step_rss = 0.0
         for _ in range(spec["repeats"]):
             _sync(device)
+            sampler = RssSampler().__enter__()
             start = time.perf_counter()
             if task == "image_reference":
                 probs, labels = reference.predict(model, prepared.tensor, prepared.original_size,
@@ -133,13 +175,15 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
                 probs, labels = prediction.probs, prediction.labels
             _sync(device)
             times.append(time.perf_counter() - start)
+            sampler.__exit__()
+            step_rss = max(step_rss, sampler.added_mib)
+        result["step_rss_mib"] = step_rss
         result["seconds"] = float(np.median(times))
         result["all_seconds"] = times
         result["windows"] = len(segmentor.engine.windows(*prepared.tensor.shape[-2:]))
         result["views"] = segmentor.engine.num_views
         np.savez_compressed(spec["output"], probs=probs, labels=labels)
     result["peak_rss_mib"] = _peak_rss_mib()
-    result["rss_over_model_mib"] = result["peak_rss_mib"] - base_rss
     if device.type == "cuda":
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
@@ -213,10 +257,16 @@ def print_row(row: dict[str, Any]) -> None:
           f"straightforward {fmt(text_ref.get('seconds'))}{note} | ours cold {fmt(ours['seconds_cold'])} "
           f"| warm {fmt(ours['seconds_warm'])}"
           + (f" | speed-up cold {text_ref['seconds'] / ours['seconds_cold']:.1f}x" if text_ref else ""))
-    mem = "peak_gpu_mib" if "peak_gpu_mib" in ours_img else "rss_over_model_mib"
+    gpu = "peak_gpu_mib" in ours_img
+
+    def memory(step: dict[str, Any]) -> str:
+        if not step:
+            return "-"
+        return f"peak {step['peak_gpu_mib']:.0f} MiB on the GPU" if gpu else f"+{step['step_rss_mib']:.0f} MiB RSS"
+
     print(f"  image ({ours_img['windows']} windows x {ours_img['views']} views): "
-          f"straightforward {fmt(img_ref.get('seconds'))} ({img_ref.get(mem, float('nan')):.0f} MiB) | "
-          f"ours {fmt(ours_img['seconds'])} ({ours_img[mem]:.0f} MiB), {1 / ours_img['seconds']:.2f} images/s"
+          f"straightforward {fmt(img_ref.get('seconds'))} ({memory(img_ref)}) | "
+          f"ours {fmt(ours_img['seconds'])} ({memory(ours_img)}), {1 / ours_img['seconds']:.2f} images/s"
           + (f" | speed-up {img_ref['seconds'] / ours_img['seconds']:.2f}x" if img_ref else ""))
     if "agreement" in row:
         agreement = row["agreement"]

@@ -93,6 +93,27 @@ def _save_bank(path: Path, bank: dict[str, torch.Tensor]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def _length_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Row indices of `tokens` (N, context) in batches of similar length, shortest first.
+
+    A batch runs to its longest end-of-text token, so rows of very different lengths (class names and long
+    definitions) are kept apart: a batch is closed when a row is more than a quarter (and 4 tokens) longer than
+    the batch's first row, or when it is full.
+    """
+    lengths = tokens.argmax(dim=-1) + 1
+    order = torch.argsort(lengths, stable=True).tolist()
+    batches: list[list[int]] = []
+    first = 0  # length of the current batch's first (shortest) row
+    for row in order:
+        length = int(lengths[row])
+        if batches and len(batches[-1]) < batch_size and length <= max(1.25 * first, first + 4):
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+            first = length
+    return [torch.tensor(batch, dtype=torch.long) for batch in batches]
+
+
 @torch.no_grad()
 def _encode_uncached(
     model: CLIP, texts: list[str], templates: Sequence[str], batch_size: int, truncate: bool, progress: bool
@@ -114,8 +135,7 @@ def _encode_uncached(
     grouped = tokens.view(len(texts), len(templates), -1)  # (T, templates, context)
     embeddings = torch.empty(len(texts), len(templates), model.config.embed_dim, dtype=torch.float32)
     device = model.device
-    batches = [(t, rows) for t in range(len(templates)) for rows in torch.split(
-        torch.argsort(grouped[:, t].argmax(dim=-1), stable=True), batch_size)]
+    batches = [(t, rows) for t in range(len(templates)) for rows in _length_batches(grouped[:, t], batch_size)]
     for template, rows in tqdm(batches, desc="text prompts", disable=not progress, leave=False):
         group = grouped[rows, template]  # (n, context): one template, several texts, shortest first
         differs = (group != group[:1]).any(dim=0)
