@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     args.out.mkdir(parents=True, exist_ok=True)
-    colours = palette(segmentor.num_classes)
+    # Black (the VOC colour of index 0) is kept for a background class; other vocabularies start at a colour.
+    colours = palette(segmentor.num_classes) if segmentor.config.background else palette(segmentor.num_classes + 1)[1:]
     failures: list[tuple[Path, str]] = []
     for image_path, stem in tqdm(list(zip(args.images, _output_stems(args.images))), desc="images", unit="img",
                                  disable=args.no_progress):
