@@ -8,8 +8,8 @@ STAMP  := $(VENV)/.installed-stamp
 
 # Demo settings: any of these can be overridden on the command line.
 WEIGHTS      ?= ViT-B/16
-DEMO_IMAGE   ?= itaclip_core/assets/sample_street.jpg
-DEMO_CLASSES ?= sky, building, tree, road, car, person, bicycle, grass, sign
+DEMO_IMAGE   ?= itaclip_core/assets/sample_coffee.jpg
+DEMO_CLASSES ?= cup, saucer, spoon, coffee, table, wall
 DEMO_OUT     ?= out/demo
 
 # Evaluation report (see `make report`).

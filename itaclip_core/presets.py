@@ -51,8 +51,8 @@ class SegmentorConfig:
     prob_thd: float = 0.0  # pixels whose top probability is below it become class 0
     area_thd: float | None = None  # classes (other than 0) with a smaller share of the predicted area are dropped
     closing: bool = True  # 3x3 morphological closing of the label map
-    batch_size: int = 40  # images (crops x views) per forward pass of the image tower
-    text_batch_size: int = 256  # prompts per forward pass of the text tower
+    batch_size: int | None = None  # images (windows x views) per forward pass; None: 16 on CPU, 256 on GPU
+    text_batch_size: int | None = None  # prompts per forward pass of the text tower; None: 256 CPU, 1024 GPU
     truncate_texts: bool = False  # cut prompts longer than 77 tokens instead of refusing them
 
     def dense_config(self) -> DenseConfig:

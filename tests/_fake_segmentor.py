@@ -1,10 +1,10 @@
 """A stand-in segmentor for runner tests: predicts each pixel's class from its colour.
 
 On the synthetic datasets made with `easy=True`, every region is painted in its class's colour, so looking the
-colour up recovers most labels; resizing and JPEG compression blur the borders, so the scores are high but not
-perfect. Built by `make(preset, weights=, device=, overrides=)` as `itaclip eval --segmentor-factory` expects;
-the preset is `fake_<dataset>`; overrides: `delay=SECONDS` (sleep per image), `short_side=N`, `shift=K` (add K
-to every prediction modulo the class count, to make a bad segmentor).
+colour up recovers most labels; the lookup is done on a grid of 16-pixel patches (like a ViT's), so borders are
+blocky and the scores are high but not perfect. Built by `make(preset, weights=, device=, overrides=)` as
+`itaclip eval --segmentor-factory` expects; the preset is `fake_<dataset>`; overrides: `delay=SECONDS` (sleep
+per image), `short_side=N`, `patch=N`, `shift=K` (add K to every prediction modulo the class count).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class FakeConfig:
     short_side: int = 336
     delay: float = 0.0
     shift: int = 0
+    patch: int = 16
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,9 +52,12 @@ class ColourLookupSegmentor:
         self.calls += 1
         rgb = denormalise(prepared.tensor)  # (h, w, 3) uint8 at the resized size
         height, width = prepared.original_size
-        rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.int64)
-        distances = ((rgb[:, :, None, :] - self.colours[None, None]) ** 2).sum(-1)  # (H, W, N)
-        labels = distances.argmin(-1)
+        patch = self.config.patch
+        grid = (max(1, rgb.shape[1] // patch), max(1, rgb.shape[0] // patch))  # (w, h) of a patch grid
+        coarse = cv2.resize(rgb, grid, interpolation=cv2.INTER_AREA).astype(np.int64)  # (h/p, w/p, 3)
+        distances = ((coarse[:, :, None, :] - self.colours[None, None]) ** 2).sum(-1)  # (h/p, w/p, N)
+        labels = cv2.resize(distances.argmin(-1).astype(np.uint8), (width, height),
+                            interpolation=cv2.INTER_NEAREST)  # (H, W)
         if self.config.shift:
             labels = (labels + self.config.shift) % len(self.colours)
         if self.config.delay:

@@ -232,7 +232,8 @@ def test_conversion_writes_resumes_and_copies(tmp_path: Path) -> None:
     raws = {"000000000001": np.array([[0, 91], [255, 89]], np.uint8), "000000000002": np.array([[5, 5]], np.uint8)}
     for stem, raw in raws.items():
         Image.fromarray(raw).save(annotations / f"{stem}.png")
-        Image.fromarray(np.zeros((raw.shape[0], raw.shape[1], 3), np.uint8)).save(root / "images" / "val2017" / f"{stem}.jpg")
+        image = Image.fromarray(np.zeros((raw.shape[0], raw.shape[1], 3), np.uint8))
+        image.save(root / "images" / "val2017" / f"{stem}.jpg")
         Image.fromarray(raw).save(annotations / f"{stem}_labelTrainIds.png")  # converted files are not inputs
     summary = convert_coco_object(root, progress=False)
     assert (summary.converted, summary.skipped) == (2, 0)

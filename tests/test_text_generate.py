@@ -13,23 +13,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
-def _hide_unloadable_torchvision() -> None:
-    """transformers imports torchvision whenever it is installed; a torchvision built for another torch build
-    cannot load and breaks unrelated transformers imports, so such a build is hidden from these tests."""
-    if "torchvision" in sys.modules:
-        return
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        for key in [key for key in sys.modules if key == "torchvision" or key.startswith("torchvision.")]:
-            del sys.modules[key]
-        sys.modules["torchvision"] = None  # type: ignore[assignment]
-
-
-_hide_unloadable_torchvision()
-
-from itaclip_core.cli import main  # noqa: E402
-from itaclip_core.text.classes import (  # noqa: E402
+from itaclip_core.cli import main
+from itaclip_core.text.classes import (
     TextFileError,
     check_aux_matches,
     format_aux_line,
@@ -38,7 +23,7 @@ from itaclip_core.text.classes import (  # noqa: E402
     read_class_file,
     split_aux_line,
 )
-from itaclip_core.text.generate import (  # noqa: E402
+from itaclip_core.text.generate import (
     LLM_INSTALL_HINT,
     MAX_DEFINITION_WORDS,
     MAX_SYNONYMS,

@@ -35,10 +35,9 @@ def _run_coco_object(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = args.out or args.coco_root
-    print(
-        f"COCO-Object labels in {out}/annotations: {summary.converted} converted, "
-        f"{summary.skipped} already there" + (f", {summary.images_copied} images copied" if summary.images_copied else "")
-    )
+    copied = f", {summary.images_copied} images copied" if summary.images_copied else ""
+    print(f"COCO-Object labels in {out}/annotations: {summary.converted} converted, {summary.skipped} already there"
+          f"{copied}")
     return 0
 
 

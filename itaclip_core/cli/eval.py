@@ -43,6 +43,14 @@ def _load_factory(spec: str | None) -> Callable[..., Any]:
         raise SystemExit(f"error: cannot load the segmentor factory {spec!r}: {error}") from error
 
 
+def _require_benchmark(preset: str, dataset: str | None) -> None:
+    if not dataset:
+        raise ValueError(
+            f"preset {preset!r} is not tied to a benchmark (its config has no dataset); choose a benchmark preset "
+            "such as itaclip_voc21 or sclip_ade20k"
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
     from itaclip_core.data.registry import get_dataset
     from itaclip_core.evaluation.distributed import init_distributed
@@ -59,7 +67,15 @@ def _run(args: argparse.Namespace) -> int:
     factory = _load_factory(args.segmentor_factory)
     context = init_distributed(args.device)
     try:
+        if args.segmentor_factory is None:
+            # open the dataset before loading (maybe downloading) the weights, so that a wrong root fails fast
+            from itaclip_core.presets import apply_overrides, get_preset
+
+            planned = apply_overrides(get_preset(args.preset), list(args.set))
+            _require_benchmark(args.preset, planned.dataset)
+            get_dataset(planned.dataset, args.data_root)
         segmentor = factory(args.preset, weights=args.weights, device=context.device, overrides=list(args.set))
+        _require_benchmark(args.preset, getattr(segmentor.config, "dataset", None))
         dataset = get_dataset(segmentor.config.dataset, args.data_root)
         out_dir = Path(args.out) if args.out else _default_out(args.preset, args.weights)
         options = EvalOptions(
@@ -74,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         results = evaluate(segmentor, dataset, options, context)
-    except (DatasetError, ResumeError, ValueError) as error:
+    except (DatasetError, ResumeError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -55,7 +55,10 @@ def _conversion_hint(spec: DatasetSpec, label_path: Path) -> str:
     if spec.name == "coco_object" and (label_path.parent / f"{stem}.png").is_file():
         return " (the original stuff-thing map is there: run `itaclip data coco-object ROOT`)"
     if spec.name == "coco_stuff" and (label_path.parent / f"{stem}.png").is_file():
-        return " (the original stuff-thing map is there: convert it to train ids as MMSegmentation's coco_stuff164k converter does)"
+        return (
+            " (the original stuff-thing map is there: convert it to train ids as MMSegmentation's coco_stuff164k "
+            "converter does)"
+        )
     if spec.name == "cityscapes" and (label_path.parent / f"{stem}_gtFine_labelIds.png").is_file():
         return " (labelIds exist: create the train-id maps with cityscapesscripts' createTrainIdLabelImgs)"
     return ""

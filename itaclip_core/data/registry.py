@@ -4,7 +4,7 @@
 |---|---|---|
 | voc21 | `VOC2012/JPEGImages`, `VOC2012/SegmentationClass`, split `ImageSets/Segmentation/val.txt` | 0-20, 255 |
 | voc20 | same | background -> 255, k -> k-1 |
-| context60 | `VOC2010/JPEGImages`, `VOC2010/SegmentationClassContext`, split `ImageSets/SegmentationContext/val.txt` | 0-59 |
+| context60 | `VOC2010/JPEGImages`, `VOC2010/SegmentationClassContext`, split `.../SegmentationContext/val.txt` | 0-59 |
 | context59 | same | 0 -> 255, k -> k-1 |
 | coco_stuff | `images/val2017`, `annotations/val2017/*_labelTrainIds.png` | 0-170, 255 |
 | coco_object | `images/val2017`, `annotations/val2017/*_instanceTrainIds.png` | 0-80, no ignore |

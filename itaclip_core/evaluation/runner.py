@@ -42,7 +42,7 @@ from itaclip_core.metrics import IoUAccumulator, intersect_and_union
 class SegmentorLike(Protocol):
     """What the runner needs from a segmentor (`itaclip_core.segmentor.Segmentor` has it)."""
 
-    config: Any  # has `.dataset`, `.short_side`, `.name` and `to_dict()`
+    config: Any  # has `.dataset`, `.short_side` (and optionally `.long_side`), `.name` and `to_dict()`
     class_names: list[str]
     weights_id: str
 
@@ -68,10 +68,11 @@ class EvalOptions:
 class _EvalItems(Dataset):
     """Loads (index, prepared image, label) for the indices to evaluate; runs in worker processes."""
 
-    def __init__(self, dataset: SegDataset, indices: Sequence[int], short_side: int) -> None:
+    def __init__(self, dataset: SegDataset, indices: Sequence[int], short_side: int, long_side: int = 2048) -> None:
         self.dataset = dataset
         self.indices = list(indices)
         self.short_side = short_side
+        self.long_side = long_side
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -79,7 +80,7 @@ class _EvalItems(Dataset):
     def __getitem__(self, position: int) -> tuple[int, PreparedImage, np.ndarray]:
         index = self.indices[position]
         sample = self.dataset.samples[index]
-        prepared = prepare_image(sample.image_path, self.short_side, name=sample.name)
+        prepared = prepare_image(sample.image_path, self.short_side, self.long_side, name=sample.name)
         return index, prepared, self.dataset.load_label(index)
 
 
@@ -175,8 +176,9 @@ def evaluate(
         try:
             check_or_write_manifest(out_dir, manifest)
             for stale in (out_dir / "records").glob("rank*.jsonl"):
-                if int(stale.stem[4:] or 0) >= context.world_size:
-                    repair_tail(stale, num_classes)  # files of processes that do not exist in this run
+                number = stale.stem[len("rank"):]
+                if not number.isdigit() or int(number) >= context.world_size:
+                    repair_tail(stale, num_classes)  # files no process of this run writes to
         except ResumeError as failure:
             error = str(failure)
     error = context.broadcast_from_main(error)
@@ -193,8 +195,9 @@ def evaluate(
             record = saved[index]
             accumulator.add(record.intersect, record.union, record.pred, record.label)
     palette = vis.palette(num_classes, _palette_name(dataset.name))
+    long_side = int(getattr(segmentor.config, "long_side", 2048))
     loader = DataLoader(
-        _EvalItems(dataset, todo, int(segmentor.config.short_side)),
+        _EvalItems(dataset, todo, int(segmentor.config.short_side), long_side),
         batch_size=1,
         shuffle=False,
         num_workers=options.workers,
@@ -234,7 +237,7 @@ def evaluate(
         "computed": int(tallies[1]),
         "loaded_from_records": int(tallies[2]),
         "seconds": round(time.time() - started, 3),
-        "device": context.device,
+        "device": str(getattr(getattr(segmentor, "model", None), "device", context.device)),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     results = build_results(accumulator, dataset, segmentor, manifest, run_info)

@@ -28,7 +28,7 @@ class DenseInference:
         stride: int = 28,
         image_engineering: bool = True,
         img_eng_coef: float = 0.75,
-        batch_size: int = 40,
+        batch_size: int | None = None,
     ) -> None:
         """
         Args:
@@ -37,8 +37,10 @@ class DenseInference:
             crop, stride: sliding-window size and step in pixels.
             image_engineering: use the five views of every window.
             img_eng_coef: weight of the original/gray/blur views against the flipped ones.
-            batch_size: images (windows x views) per forward pass; bounds memory.
+            batch_size: images (windows x views) per forward pass; bounds memory. None: 16 on CPU, 256 on GPU.
         """
+        if batch_size is None:
+            batch_size = 256 if model.device.type == "cuda" else 16
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model = model

@@ -267,6 +267,42 @@ class CLIP(nn.Module):
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, text_width)
         return x @ self.text_projection.to(x.dtype)
 
+    def encode_text_shared_prefix(self, tokens: torch.Tensor, prefix_length: int) -> torch.Tensor:
+        """`encode_text` for rows whose first `prefix_length` tokens are the same (prompts of one template).
+
+        Under the causal mask the hidden states of the shared positions do not depend on what follows, so they
+        are computed once (batch of one) and their keys and values are reused by every row, which then only runs
+        its own positions up to the batch's last end-of-text token. Same result as `encode_text`.
+
+        Args:
+            tokens: (B, context_length) ids; every row starts with the same `prefix_length` ids.
+            prefix_length: length of the shared prefix; must not reach any row's end-of-text token.
+        """
+        eot = tokens.argmax(dim=-1)  # (B,)
+        if prefix_length < 1 or prefix_length > int(eot.min()):
+            return self.encode_text(tokens)
+        length = int(eot.max().item()) + 1
+        batch, suffix_length = tokens.shape[0], length - prefix_length
+        positions = self.positional_embedding.to(self.dtype)
+        x = self.token_embedding(tokens[:1, :prefix_length]).to(self.dtype) + positions[:prefix_length]
+        cached: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for block in self.transformer.resblocks:
+            q, k, v = block.qkv(x)  # each (1, H, prefix, hd)
+            cached.append((k, v))
+            x = block.attend(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        y = self.token_embedding(tokens[:, prefix_length:length]).to(self.dtype) + positions[prefix_length:length]
+        # Suffix position j sees every prefix position and suffix positions 0..j.
+        mask = torch.ones(suffix_length, prefix_length + suffix_length, dtype=torch.bool, device=tokens.device)
+        mask = mask.tril(diagonal=prefix_length)
+        for block, (k_prefix, v_prefix) in zip(self.transformer.resblocks, cached):
+            q, k, v = block.qkv(y)  # each (B, H, suffix, hd)
+            k = torch.cat([k_prefix.expand(batch, -1, -1, -1), k], dim=2)  # (B, H, prefix + suffix, hd)
+            v = torch.cat([v_prefix.expand(batch, -1, -1, -1), v], dim=2)
+            y = block.attend(y, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        y = self.ln_final(y)
+        y = y[torch.arange(batch, device=y.device), eot - prefix_length]  # (B, text_width)
+        return y @ self.text_projection.to(y.dtype)
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled cosine-similarity logits, per image and per text, as OpenAI's `forward`."""
         image_features = F.normalize(self.encode_image(images).float(), dim=-1)

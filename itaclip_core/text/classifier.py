@@ -5,10 +5,11 @@ each embedding L2-normalised, averaged over the templates and normalised again. 
 of a non-background class becomes `(1 - c) * name + c * aux` (not renormalised); background variants keep their own
 embedding. This is the published ITACLIP / SCLIP construction.
 
-Speed without changing the result:
-- all prompts of all texts are encoded together, sorted by length, in large batches;
-- the text tower is run only up to the longest end-of-text token of each batch (`CLIP.encode_text(trim=True)`):
-  under the causal mask nothing after a prompt's end token can reach it;
+Speed without changing the result (both rest on the text tower's causal mask):
+- prompts are encoded per template, many texts per batch, sorted by length, and each batch is run only up to its
+  longest end-of-text token: nothing after a prompt's end token can reach it;
+- the tokens a template puts before the text (`<start> a photo of a`) are the same for every text: they are run
+  once per batch and their keys and values reused (`CLIP.encode_text_shared_prefix`);
 - embeddings are cached on disk per text, keyed by the weights' identity, the dtype and the templates, so a second
   run with the same texts encodes nothing.
 """
@@ -92,6 +93,27 @@ def _save_bank(path: Path, bank: dict[str, torch.Tensor]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def _length_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Row indices of `tokens` (N, context) in batches of similar length, shortest first.
+
+    A batch runs to its longest end-of-text token, so rows of very different lengths (class names and long
+    definitions) are kept apart: a batch is closed when a row is more than a quarter (and 4 tokens) longer than
+    the batch's first row, or when it is full.
+    """
+    lengths = tokens.argmax(dim=-1) + 1
+    order = torch.argsort(lengths, stable=True).tolist()
+    batches: list[list[int]] = []
+    first = 0  # length of the current batch's first (shortest) row
+    for row in order:
+        length = int(lengths[row])
+        if batches and len(batches[-1]) < batch_size and length <= max(1.25 * first, first + 4):
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+            first = length
+    return [torch.tensor(batch, dtype=torch.long) for batch in batches]
+
+
 @torch.no_grad()
 def _encode_uncached(
     model: CLIP, texts: list[str], templates: Sequence[str], batch_size: int, truncate: bool, progress: bool
@@ -110,14 +132,18 @@ def _encode_uncached(
                     f"prompt templates ({error}); shorten it"
                 ) from None
         raise
-    order = torch.argsort(tokens.argmax(dim=-1), stable=True)  # shortest prompts first
-    embeddings = torch.empty(len(prompts), model.config.embed_dim, dtype=torch.float32)
+    grouped = tokens.view(len(texts), len(templates), -1)  # (T, templates, context)
+    embeddings = torch.empty(len(texts), len(templates), model.config.embed_dim, dtype=torch.float32)
     device = model.device
-    for start in tqdm(range(0, len(prompts), batch_size), desc="text prompts", disable=not progress, leave=False):
-        index = order[start : start + batch_size]
-        out = model.encode_text(tokens[index].to(device), trim=True).float()
-        embeddings[index] = F.normalize(out, dim=-1).cpu()
-    per_text = embeddings.view(len(texts), len(templates), -1).mean(dim=1)  # (T, D)
+    batches = [(t, rows) for t in range(len(templates)) for rows in _length_batches(grouped[:, t], batch_size)]
+    for template, rows in tqdm(batches, desc="text prompts", disable=not progress, leave=False):
+        group = grouped[rows, template]  # (n, context): one template, several texts, shortest first
+        differs = (group != group[:1]).any(dim=0)
+        shared = int(differs.float().argmax()) if differs.any() else group.shape[1]
+        shared = min(shared, int(group.argmax(dim=-1).min()))  # every end-of-text token stays in the suffix
+        out = model.encode_text_shared_prefix(group.to(device), shared).float()
+        embeddings[rows, template] = F.normalize(out, dim=-1).cpu()
+    per_text = embeddings.mean(dim=1)  # (T, D)
     return F.normalize(per_text, dim=-1)
 
 
@@ -125,7 +151,7 @@ def encode_texts(
     model: CLIP,
     texts: Sequence[str],
     templates: Sequence[str],
-    batch_size: int = 256,
+    batch_size: int | None = None,
     truncate: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = False,
@@ -136,7 +162,7 @@ def encode_texts(
         model: the CLIP whose text tower encodes the prompts.
         texts: class-name variants or auxiliary texts.
         templates: prompt templates with `{}`.
-        batch_size: prompts per forward pass.
+        batch_size: prompts (texts of one template) per forward pass; None: 256 on CPU, 1024 on GPU.
         truncate: cut prompts longer than the context instead of raising an error naming the text.
         cache_dir: where embeddings are cached (`None`: no cache).
         progress: show a progress bar over prompt batches.
@@ -149,6 +175,8 @@ def encode_texts(
         bank = _load_bank(bank_file)
         if truncate:
             bank = {}  # truncated embeddings are not cached under the plain key
+    if batch_size is None:
+        batch_size = 1024 if model.device.type == "cuda" else 256
     missing = [text for text in unique if text not in bank]
     if missing:
         fresh = _encode_uncached(model, missing, templates, batch_size, truncate, progress)
@@ -165,7 +193,7 @@ def build_classifier(
     aux_texts: Sequence[str] | None = None,
     aux_coef: float = 0.0,
     background: bool = False,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     truncate: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = False,

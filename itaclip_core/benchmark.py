@@ -1,0 +1,303 @@
+"""Speed and memory of the batched pipeline against the straightforward algorithm, on the same inputs.
+
+    python -m itaclip_core.benchmark --models tiny vit-b-16 --settings voc coco_stuff [--device cuda --dtype float16]
+
+For each random model size and dataset setting it measures, each in a fresh process (so peak memory belongs to that
+step alone):
+- text classifier: the straightforward construction (one batch of 80 prompts per text at the full 77 tokens) and
+  ours cold (batched, trimmed at the end-of-text token, no cache) and warm (disk cache);
+- one image: the straightforward per-window, per-view inference (as the published code) and ours (batched);
+and checks the two give the same probabilities and labels. Random weights give meaningless segmentations but the
+exact same amount of work as the real weights of that size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+SETTINGS = {"voc": "itaclip_voc21", "coco_stuff": "itaclip_coco_stuff"}
+# The 300x420 reference image in a source checkout; the shipped sample photo otherwise.
+_CHECKOUT_IMAGE = Path(__file__).resolve().parent.parent / "tests" / "golden" / "synthetic_300x420.png"
+DEFAULT_IMAGE = _CHECKOUT_IMAGE if _CHECKOUT_IMAGE.is_file() else Path(__file__).parent / "assets" / "sample_coffee.jpg"
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RssSampler:
+    """Peak resident memory of this process while a step runs, sampled every few milliseconds (Linux)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mib())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self.start = _rss_mib()
+        self.peak = self.start
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+
+    @property
+    def added_mib(self) -> float:
+        """How far the step raised the resident memory above where it started."""
+        return self.peak - self.start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _setup(spec: dict[str, Any]):
+    from itaclip_core import load_clip
+    from itaclip_core.presets import apply_overrides, get_preset
+
+    torch.set_num_threads(spec["threads"]) if spec.get("threads") else None
+    device = torch.device(spec["device"])
+    model = load_clip(f"random-{spec['model']}", device=device, dtype=spec["dtype"])
+    config = apply_overrides(get_preset(SETTINGS[spec["setting"]]), spec.get("overrides") or [])
+    return model, config, device
+
+
+def _texts(config, background_aux: bool = True):
+    from itaclip_core.segmentor import resolve_text_path
+    from itaclip_core.text.classes import read_aux_file, read_class_file
+
+    vocab = read_class_file(resolve_text_path(config.classes, "class file"))
+    aux = [t for _, t in read_aux_file(resolve_text_path(config.aux_file, "aux file"))] if config.aux_file else None
+    return vocab, aux
+
+
+@torch.no_grad()
+def _warm_up(model, config, device: torch.device) -> None:
+    """One small pass through both towers, so that one-off start-up costs (kernel selection, allocator growth,
+    CUDA context) are not counted in the first timed step of either algorithm."""
+    from itaclip_core.attention.dense import dense_tokens
+    from itaclip_core.text.tokenizer import tokenize
+
+    dense_tokens(model.visual, torch.zeros(2, 3, config.crop, config.crop, device=device, dtype=model.dtype),
+                 config.dense_config())
+    model.encode_text(tokenize(["a photo of a warm-up."]).to(device))
+    _sync(device)
+
+
+def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement, in its own process. spec["task"] in text_reference, text_ours, image_reference, image_ours."""
+    from itaclip_core import reference
+    from itaclip_core.text.classifier import build_classifier, load_templates
+
+    model, config, device = _setup(spec)
+    vocab, aux = _texts(config)
+    templates = load_templates(config.templates)
+    _warm_up(model, config, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result: dict[str, Any] = {"texts": len(vocab.queries) + (len(aux) if aux else 0), "prompts_per_text": len(templates)}
+    task = spec["task"]
+    if task == "text_reference":
+        limit = spec.get("text_limit")
+        queries = vocab.queries[:limit] if limit else vocab.queries
+        _sync(device)
+        with RssSampler() as memory:
+            start = time.perf_counter()
+            reference.text_features(model, queries, templates)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+        result["step_rss_mib"] = memory.added_mib
+        result["measured_texts"] = len(queries)
+        result["seconds"] = elapsed * result["texts"] / len(queries)
+        result["extrapolated"] = len(queries) < result["texts"]
+    elif task == "text_ours":
+        cache = Path(spec["cache_dir"])
+        for key in ("cold", "warm"):
+            _sync(device)
+            with RssSampler() as memory:
+                start = time.perf_counter()
+                build_classifier(model, vocab, templates, aux, config.aux_coef, config.background,
+                                 batch_size=config.text_batch_size, cache_dir=cache)
+                _sync(device)
+                result[f"seconds_{key}"] = time.perf_counter() - start
+            if key == "cold":
+                result["step_rss_mib"] = memory.added_mib
+        result["seconds"] = result["seconds_cold"]
+    else:
+        from itaclip_core.inference.preprocess import prepare_image
+        from itaclip_core.segmentor import Segmentor
+
+        segmentor = Segmentor(model, config, cache_dir=Path(spec["cache_dir"]))
+        prepared = prepare_image(spec["image"], config.short_side, config.long_side)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        step_rss = 0.0
+        for _ in range(spec["repeats"]):
+            _sync(device)
+            sampler = RssSampler().__enter__()
+            start = time.perf_counter()
+            if task == "image_reference":
+                probs, labels = reference.predict(model, prepared.tensor, prepared.original_size,
+                                                  segmentor.classifier, config)
+                probs = probs.cpu().numpy()
+            else:
+                prediction = segmentor.predict_prepared(prepared)
+                probs, labels = prediction.probs, prediction.labels
+            _sync(device)
+            times.append(time.perf_counter() - start)
+            sampler.__exit__()
+            step_rss = max(step_rss, sampler.added_mib)
+        result["step_rss_mib"] = step_rss
+        result["seconds"] = float(np.median(times))
+        result["all_seconds"] = times
+        result["windows"] = len(segmentor.engine.windows(*prepared.tensor.shape[-2:]))
+        result["views"] = segmentor.engine.num_views
+        np.savez_compressed(spec["output"], probs=probs, labels=labels)
+    result["peak_rss_mib"] = _peak_rss_mib()
+    if device.type == "cuda":
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def _child(spec: dict[str, Any], queue: mp.Queue) -> None:
+    try:
+        queue.put(_measure(spec))
+    except BaseException as error:  # report, never hang the parent
+        queue.put({"error": f"{type(error).__name__}: {error}"})
+
+
+def run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement in a fresh process and return its result."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(spec, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    if "error" in result:
+        raise RuntimeError(f"{spec['task']} ({spec['model']}, {spec['setting']}) failed: {result['error']}")
+    return result
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="itaclip-bench-"))
+    for model in args.models:
+        for setting in args.settings:
+            base = {"model": model, "setting": setting, "device": args.device, "dtype": args.dtype,
+                    "threads": args.threads, "image": str(args.image), "repeats": args.repeats,
+                    "overrides": args.set}
+            row: dict[str, Any] = {"model": model, "setting": setting, "device": args.device, "dtype": args.dtype}
+            cache = work / f"cache-{model}-{setting}"
+            print(f"[{model} / {setting}] text, ours ...", flush=True)
+            row["text_ours"] = run_isolated({**base, "task": "text_ours", "cache_dir": str(cache)})
+            if not args.skip_reference:
+                print(f"[{model} / {setting}] text, straightforward ...", flush=True)
+                row["text_reference"] = run_isolated({**base, "task": "text_reference", "text_limit": args.text_limit})
+            print(f"[{model} / {setting}] image, ours ...", flush=True)
+            ours_out = work / f"ours-{model}-{setting}.npz"
+            row["image_ours"] = run_isolated({**base, "task": "image_ours", "cache_dir": str(cache),
+                                              "output": str(ours_out)})
+            if not args.skip_reference:
+                print(f"[{model} / {setting}] image, straightforward ...", flush=True)
+                ref_out = work / f"ref-{model}-{setting}.npz"
+                row["image_reference"] = run_isolated({**base, "task": "image_reference", "cache_dir": str(cache),
+                                                       "output": str(ref_out), "repeats": args.reference_repeats})
+                a, b = np.load(ours_out), np.load(ref_out)
+                row["agreement"] = {"max_abs_prob_diff": float(np.abs(a["probs"] - b["probs"]).max()),
+                                    "label_agreement": float((a["labels"] == b["labels"]).mean())}
+            rows.append(row)
+            print_row(row)
+    return {"rows": rows, "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                      "cpu_threads": args.threads or torch.get_num_threads(),
+                                      "processor": platform.processor() or platform.machine(),
+                                      "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
+            "image": str(args.image)}
+
+
+def print_row(row: dict[str, Any]) -> None:
+    def fmt(seconds: float | None) -> str:
+        return "-" if seconds is None else f"{seconds:8.2f} s"
+
+    text_ref = row.get("text_reference", {})
+    img_ref = row.get("image_reference", {})
+    ours, ours_img = row["text_ours"], row["image_ours"]
+    note = f" (extrapolated from {text_ref['measured_texts']} texts)" if text_ref.get("extrapolated") else ""
+    print(f"  text classifier ({ours['texts']} texts x {ours['prompts_per_text']} prompts): "
+          f"straightforward {fmt(text_ref.get('seconds'))}{note} | ours cold {fmt(ours['seconds_cold'])} "
+          f"| warm {fmt(ours['seconds_warm'])}"
+          + (f" | speed-up cold {text_ref['seconds'] / ours['seconds_cold']:.1f}x" if text_ref else ""))
+    gpu = "peak_gpu_mib" in ours_img
+
+    def memory(step: dict[str, Any]) -> str:
+        if not step:
+            return "-"
+        return f"peak {step['peak_gpu_mib']:.0f} MiB on the GPU" if gpu else f"+{step['step_rss_mib']:.0f} MiB RSS"
+
+    print(f"  image ({ours_img['windows']} windows x {ours_img['views']} views): "
+          f"straightforward {fmt(img_ref.get('seconds'))} ({memory(img_ref)}) | "
+          f"ours {fmt(ours_img['seconds'])} ({memory(ours_img)}), {1 / ours_img['seconds']:.2f} images/s"
+          + (f" | speed-up {img_ref['seconds'] / ours_img['seconds']:.2f}x" if img_ref else ""))
+    if "agreement" in row:
+        agreement = row["agreement"]
+        print(f"  agreement: max |prob diff| {agreement['max_abs_prob_diff']:.2e}, "
+              f"labels equal on {100 * agreement['label_agreement']:.3f}% of pixels", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m itaclip_core.benchmark", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "vit-b-16"], help="random model sizes")
+    parser.add_argument("--settings", nargs="+", default=["voc", "coco_stuff"], choices=sorted(SETTINGS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default per device)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default torch's)")
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs of our image path (median)")
+    parser.add_argument("--reference-repeats", type=int, default=1, help="timed runs of the straightforward image path")
+    parser.add_argument("--text-limit", type=int, default=None,
+                        help="time the straightforward text classifier on this many texts and extrapolate")
+    parser.add_argument("--skip-reference", action="store_true", help="only time our pipeline")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    parser.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
+    args = parser.parse_args(argv)
+    results = benchmark(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
