@@ -7,7 +7,7 @@
 - Inspection of the image side: patch tokens and their PCA colours, the attention of one query patch, the logits
   of each image-engineering view, the post-processing step by step.
 - Evaluation on a dataset subset, the I / T / A ablation of the ITACLIP paper and the auxiliary-text sweep.
-- The straightforward per-crop inference and throughput / peak-memory measurement.
+- Throughput / peak-memory measurement (the straightforward algorithm is `itaclip_core.reference`).
 - Notebooks without outputs: `python -m itaclip_core.explore strip|check notebooks/*.ipynb`.
 """
 
@@ -20,7 +20,6 @@ import math
 import os
 import random
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,13 +31,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm  # text bars: they also render in HTML reports and headless runs
 
+from itaclip_core import vis
 from itaclip_core.attention.dense import DenseConfig, attention_maps, dense_tokens
+from itaclip_core.benchmark import RssSampler
 from itaclip_core.data.base import SegDataset
 from itaclip_core.data.registry import get_dataset
 from itaclip_core.inference.engine import DenseInference
 from itaclip_core.inference.preprocess import ImageInput, PreparedImage, prepare_image, to_bgr_uint8
-from itaclip_core.inference.sliding import Window, sliding_windows, stitch
-from itaclip_core.inference.views import VIEW_NAMES, gaussian_blur, grayscale, make_views
+from itaclip_core.inference.sliding import Window, stitch
+from itaclip_core.inference.views import VIEW_NAMES, make_views
 from itaclip_core.metrics import IoUAccumulator
 from itaclip_core.model.clip import CLIP
 from itaclip_core.model.random import is_random_spec
@@ -322,6 +323,12 @@ def set_classes_with_texts(segmentor: Segmentor, classes: str | Sequence[str], a
         cache_dir=segmentor.cache_dir,
     ).to(segmentor.model.device)  # fmt: skip
     return segmentor.classifier
+
+
+def class_palette(num_classes: int, background: bool) -> np.ndarray:
+    """Display colours (num_classes, 3): the VOC colour map, whose first colour (black) only a background class
+    gets; without one, every class gets a visible colour."""
+    return vis.palette(num_classes) if background else vis.palette(num_classes + 1)[1:]
 
 
 def load_rgb(image: ImageInput) -> np.ndarray:
@@ -627,66 +634,11 @@ def sweep_aux_coef(segmentor: Segmentor, dataset: SegDataset, subset: Sequence[L
 
 
 # ------------------------------------------------------------------------------------------------ speed
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _vflip(x: torch.Tensor) -> torch.Tensor:
-    return torch.flip(x, dims=[-2])
-
-
-def _hflip(x: torch.Tensor) -> torch.Tensor:
-    return torch.flip(x, dims=[-1])
-
-
-def straightforward_logits(model: CLIP, image: torch.Tensor, text_features: torch.Tensor, config: SegmentorConfig,
-                           original_size: tuple[int, int]) -> torch.Tensor:  # fmt: skip
-    """Per-query similarities (Q, H0, W0) computed as the published code does: one window and one view at a time,
-    each view's logits upsampled to the window (flipped views flipped back there), mixed, summed into a canvas,
-    divided by the window count and upsampled to the original size. Slow; for reference and timing."""
-    device, dtype = model.device, model.dtype
-    image = image.to(device, torch.float32)
-    text = text_features.to(device, torch.float32)
-    height, width = image.shape[-2:]
-    canvas = torch.zeros(text.shape[0], height, width, device=device)  # (Q, H, W)
-    count = torch.zeros(1, height, width, device=device)
-    # (view of the crop, how its logits are brought back, weight): the published order and mixing weights
-    views = [(_identity, _identity, 1.0)]
-    if config.image_engineering:
-        first, second = config.img_eng_coef / 3, (1.0 - config.img_eng_coef) / 2
-        views = [(_identity, _identity, first), (grayscale, _identity, first), (gaussian_blur, _identity, first),
-                 (_vflip, _vflip, second), (_hflip, _hflip, second)]  # fmt: skip
-    dense = config.dense_config()
-    with torch.no_grad():
-        for w in sliding_windows(height, width, config.crop, config.stride):
-            crop = image[None, :, w.y1 : w.y2, w.x1 : w.x2]  # (1, 3, h, w)
-            rows, cols = model.visual.grid_size(crop.shape[-2], crop.shape[-1])
-            mixed = torch.zeros(1, text.shape[0], w.y2 - w.y1, w.x2 - w.x1, device=device)
-            for transform, undo, weight in views:
-                tokens = dense_tokens(model.visual, transform(crop).to(dtype), dense)[:, 1:].float()
-                logits = F.normalize(tokens, dim=-1) @ text.T  # (1, rows * cols, Q)
-                logits = logits.permute(0, 2, 1).reshape(1, -1, rows, cols)  # (1, Q, rows, cols)
-                logits = F.interpolate(logits, size=(w.y2 - w.y1, w.x2 - w.x1), mode="bilinear")
-                mixed += weight * undo(logits)
-            canvas[:, w.y1 : w.y2, w.x1 : w.x2] += mixed[0]
-            count[:, w.y1 : w.y2, w.x1 : w.x2] += 1
-    return F.interpolate((canvas / count)[None], size=original_size, mode="bilinear")[0]
-
-
 def batched_engine(model: CLIP, config: SegmentorConfig, batch_size: int) -> DenseInference:
     """The batched image side for `config` with another batch size."""
     return DenseInference(model, config.dense_config(), crop=config.crop, stride=config.stride,
                           image_engineering=config.image_engineering, img_eng_coef=config.img_eng_coef,
                           batch_size=batch_size)  # fmt: skip
-
-
-def _rss_bytes() -> int:
-    """Resident memory of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _release_free_memory() -> None:
@@ -719,24 +671,14 @@ def measure_throughput(fn: Callable[[Any], Any], items: Sequence[Any], device: s
     cuda = device.type == "cuda"
     for _ in range(warmup):
         fn(items[0])
-    peak = [0]
-    stop = threading.Event()
+    sampler = RssSampler(interval=0.001)
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         start_memory = torch.cuda.memory_allocated(device)
     else:
         _release_free_memory()
-        start_memory = _rss_bytes()
-        peak[0] = start_memory
-
-        def sample() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], _rss_bytes())
-                time.sleep(0.001)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+        sampler.__enter__()
     started = time.perf_counter()
     for item in items:
         fn(item)
@@ -744,13 +686,12 @@ def measure_throughput(fn: Callable[[Any], Any], items: Sequence[Any], device: s
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     if cuda:
-        used, kind = torch.cuda.max_memory_allocated(device) - start_memory, "cuda allocated"
+        used_mb, kind = (torch.cuda.max_memory_allocated(device) - start_memory) / 2**20, "cuda allocated"
     else:
-        stop.set()
-        sampler.join()
-        used, kind = max(peak[0], _rss_bytes()) - start_memory, "cpu resident (sampled)"
+        sampler.__exit__()
+        used_mb, kind = sampler.added_mib, "cpu resident (sampled)"
     per_image = seconds / len(items)
-    return Throughput(len(items) / seconds, per_image, max(used, 0) / 2**20, kind)
+    return Throughput(len(items) / seconds, per_image, max(used_mb, 0.0), kind)
 
 
 # ------------------------------------------------------------------------------------------------ notebook files

@@ -64,17 +64,15 @@ def dataset(workdir: Path):
 
 
 # ------------------------------------------------------------------------------------------------ image side
-def test_straightforward_inference_equals_the_batched_engine(model, segmentor, prepared, config) -> None:
+def test_batched_engine_with_another_batch_size_gives_the_same_logits(model, segmentor, prepared, config) -> None:
     text = segmentor.classifier.features
-    batched = segmentor.engine.logits(prepared.tensor, text, prepared.original_size)
-    straight = explore.straightforward_logits(model, prepared.tensor, text, config, prepared.original_size)
-    assert straight.shape == batched.shape == (text.shape[0], *prepared.original_size)
-    torch.testing.assert_close(straight, batched, rtol=1e-5, atol=1e-5)
-    plain = config.replace(image_engineering=False)
-    plain_batched = explore.batched_engine(model, plain, 3).logits(prepared.tensor, text, prepared.original_size)
-    plain_straight = explore.straightforward_logits(model, prepared.tensor, text, plain, prepared.original_size)
-    torch.testing.assert_close(plain_straight, plain_batched, rtol=1e-5, atol=1e-5)
-    assert (plain_batched - batched).abs().max() > 1e-3  # the views do change the logits
+    reference = segmentor.engine.logits(prepared.tensor, text, prepared.original_size)
+    small = explore.batched_engine(model, config, 3)
+    assert small.batch_size == 3 and small.stride == config.stride
+    torch.testing.assert_close(small.logits(prepared.tensor, text, prepared.original_size), reference,
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    plain = explore.batched_engine(model, config.replace(image_engineering=False), 3)
+    assert (plain.logits(prepared.tensor, text, prepared.original_size) - reference).abs().max() > 1e-3
 
 
 def test_view_logits_mix_to_the_pipeline_and_original_view_is_the_plain_pipeline(model, segmentor, prepared,
@@ -215,6 +213,14 @@ def test_open_vocabulary_config_and_dataset_checks(dataset) -> None:
         explore.open_dataset("voc21", "no/such/folder", base)
 
 
+def test_class_palette() -> None:
+    with_background = explore.class_palette(4, background=True)
+    without = explore.class_palette(4, background=False)
+    assert with_background.shape == without.shape == (4, 3)
+    assert with_background[0].tolist() == [0, 0, 0] and (without.sum(axis=1) > 0).all()
+    assert len({tuple(c) for c in without}) == 4
+
+
 def test_explorer_config() -> None:
     base = explore.open_vocabulary_config(get_preset("itaclip_voc21"))
     on = explore.explorer_config(base, True, "selfself", True, True, True, 0.2, 0.05, 56)
@@ -294,7 +300,7 @@ def test_measure_throughput_counts_calls_and_sees_memory() -> None:
     assert calls == [1, 1, 2, 3]
     assert result.images_per_second == pytest.approx(1 / result.seconds_per_image)
     assert result.seconds_per_image >= 0.05
-    if result.memory_kind.startswith("cpu") and explore._rss_bytes() > 0:
+    if result.memory_kind.startswith("cpu") and Path("/proc/self/statm").is_file():
         assert 150 <= result.peak_memory_mb <= 1000
     with pytest.raises(ValueError, match="at least one"):
         explore.measure_throughput(work, [], "cpu")
