@@ -497,16 +497,18 @@ class LabelledImage(NamedTuple):
     label: np.ndarray  # (H0, W0) uint8, 255 ignored
 
 
-def load_subset(dataset: SegDataset, num_images: int | None, short_side: int,
+def load_subset(dataset: SegDataset, num_images: int | None, config: SegmentorConfig,
                 progress: bool = True) -> list[LabelledImage]:  # fmt: skip
-    """The first `num_images` images of a dataset (None: all), prepared for `short_side`, with their labels."""
+    """The first `num_images` images of a dataset (None: all), prepared as `config` expects (its short and long
+    side), with their labels."""
     count = len(dataset) if num_images is None else min(int(num_images), len(dataset))
     if count < 1:
         raise ValueError(f"no images to evaluate: NUM_IMAGES is {num_images} and {dataset.name} has {len(dataset)}")
     return [
-        LabelledImage(prepare_image(dataset[i].image_path, short_side, name=dataset[i].name), dataset.load_label(i))
+        LabelledImage(prepare_image(dataset[i].image_path, config.short_side, config.long_side, name=dataset[i].name),
+                      dataset.load_label(i))
         for i in tqdm(range(count), desc="load images", disable=not progress, leave=False)
-    ]
+    ]  # fmt: skip
 
 
 def scores(accumulator: IoUAccumulator, class_names: Sequence[str]) -> dict[str, Any]:
@@ -590,7 +592,7 @@ def run_ablation(model: CLIP, base: SegmentorConfig, dataset: SegDataset, num_im
                  progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
     """Evaluate every ablation row on the first `num_images` images; one dict per row (label, components,
     overrides, mIoU, mAcc, aAcc, per-class IoU, seconds per image)."""
-    subset = load_subset(dataset, num_images, base.short_side, progress)
+    subset = load_subset(dataset, num_images, base, progress)
     results = []
     for label, (config, overrides) in ablation_configs(base, rows).items():
         segmentor = Segmentor(model, config, cache_dir=cache_dir)

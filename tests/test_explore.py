@@ -158,7 +158,7 @@ def test_with_dense_sets_the_readout(model, config, prepared, workdir: Path) -> 
 
 
 def test_evaluate_logits_scores_each_variant(model, segmentor, config, dataset) -> None:
-    subset = explore.load_subset(dataset, 2, config.short_side, progress=False)
+    subset = explore.load_subset(dataset, 2, config, progress=False)
 
     def variants(prepared):
         views = explore.view_logits(segmentor, prepared)
@@ -257,13 +257,21 @@ def test_set_classes_with_texts(model, config, workdir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
+def test_load_subset_prepares_images_as_the_config_says(dataset, config) -> None:
+    subset = explore.load_subset(dataset, None, config.replace(long_side=200), progress=False)
+    assert len(subset) == len(dataset) == 2
+    for item, sample in zip(subset, dataset.samples):
+        assert item.prepared.name == sample.name and max(item.prepared.tensor.shape[-2:]) <= 200
+        assert item.label.shape == item.prepared.original_size
+
+
 def test_run_ablation_rows_agree_with_direct_evaluation(model, config, dataset, workdir: Path) -> None:
     rows = explore.run_ablation(model, config, dataset, num_images=2, rows=("", "ATI"),
                                 cache_dir=workdir / "cache", progress=False)  # fmt: skip
     assert [r["row"] for r in rows] == ["baseline", "+A+T+I"]
     for row in rows:
         assert 0 <= row["mIoU"] <= 100 and 0 <= row["aAcc"] <= 100 and row["num_images"] == 2
-    subset = explore.load_subset(dataset, 2, config.short_side, progress=False)
+    subset = explore.load_subset(dataset, 2, config, progress=False)
     direct = explore.evaluate_subset(Segmentor(model, config, cache_dir=workdir / "cache"), dataset, subset,
                                      progress=False)  # fmt: skip
     assert rows[1]["mIoU"] == direct["mIoU"]
@@ -273,7 +281,7 @@ def test_run_ablation_rows_agree_with_direct_evaluation(model, config, dataset, 
 def test_sweep_aux_coef_equals_segmenting_with_each_coefficient(model, config, dataset, workdir: Path) -> None:
     segmentor = Segmentor(model, config, cache_dir=workdir / "cache")
     original = segmentor.classifier
-    subset = explore.load_subset(dataset, 2, config.short_side, progress=False)
+    subset = explore.load_subset(dataset, 2, config, progress=False)
     files = {"definitions": "definitions/voc21.txt"}
     sweep = explore.sweep_aux_coef(segmentor, dataset, subset, [0.0, 0.6], files, progress=False)
     assert segmentor.classifier is original
@@ -283,7 +291,7 @@ def test_sweep_aux_coef_equals_segmenting_with_each_coefficient(model, config, d
         expected = explore.evaluate_subset(direct, dataset, subset, progress=False)
         assert row["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-9)
     with pytest.raises(ValueError, match="no images"):
-        explore.load_subset(dataset, 0, 224)
+        explore.load_subset(dataset, 0, get_preset("itaclip_voc21"))
 
 
 # ------------------------------------------------------------------------------------------------ speed

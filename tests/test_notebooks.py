@@ -189,8 +189,12 @@ def test_report_runs_the_evaluation_notebook_and_renders_html(ci_run: dict[str, 
 def test_report_parameters() -> None:
     named = notebook_report.report_parameters("itaclip_voc21", "data/voc", "ViT-B/16", "out/r", num_images=5)
     assert (named["MODEL"], named["WEIGHTS"], named["NUM_IMAGES"]) == ("ViT-B/16", None, 5)
+    assert named["DATASET"] is None and "DEVICE" not in named  # the preset's dataset; the notebook's device
     assert named["FIGURES_DIR"] == str(Path(named["OUT_DIR"]) / "figures") and Path(named["DATA_ROOT"]).is_absolute()
     path = notebook_report.report_parameters("itaclip_voc21", "d", "ckpt/model.pt", "o", overrides=["stride=56"],
                                              base={"MODEL": "ViT-B/16", "OVERRIDES": ["batch_size=8"]})  # fmt: skip
     assert path["MODEL"] == "ViT-B/16" and path["WEIGHTS"] == str(Path("ckpt/model.pt").resolve())
     assert path["OVERRIDES"] == ["batch_size=8", "stride=56"]
+    kept = notebook_report.report_parameters("itaclip_voc21", "d", "random-tiny", "o",
+                                             base={"NUM_IMAGES": 2, "DEVICE": "cpu", "DATASET": "voc21"})  # fmt: skip
+    assert (kept["NUM_IMAGES"], kept["DEVICE"], kept["DATASET"]) == (2, "cpu", None)  # the preset names the dataset

@@ -37,9 +37,9 @@ def report_parameters(preset: str, data_root: str | Path, weights: str | Path, o
         data_root: dataset root (DATA_ROOT).
         weights: an OpenAI model name or a random-model spec (becomes MODEL), or a checkpoint path (WEIGHTS).
         out: output folder (OUT_DIR; figures go to `out/figures`).
-        num_images: evaluate only the first N images (None: all).
+        num_images: evaluate only the first N images (None: the base's value, else all).
         dataset: dataset name (None: the preset's).
-        device: "cuda", "cpu" or None (CUDA when available).
+        device: "cuda", "cpu" or None (the base's value, else CUDA when available).
         overrides: `key=value` changes to the preset (OVERRIDES).
         base: parameters the above are laid over (e.g. read from a parameters YAML file).
     """
@@ -50,10 +50,12 @@ def report_parameters(preset: str, data_root: str | Path, weights: str | Path, o
     else:
         parameters.update(WEIGHTS=str(Path(name).expanduser().resolve()))
     out = Path(out).expanduser().resolve()
-    parameters.update(PRESET=preset, DATA_ROOT=str(Path(data_root).expanduser().resolve()), DATASET=dataset,
-                      NUM_IMAGES=num_images, OUT_DIR=str(out), FIGURES_DIR=str(out / "figures"))  # fmt: skip
-    if device is not None:
-        parameters["DEVICE"] = device
+    parameters.update(PRESET=preset, DATASET=dataset, DATA_ROOT=str(Path(data_root).expanduser().resolve()),
+                      OUT_DIR=str(out), FIGURES_DIR=str(out / "figures"))  # fmt: skip
+    # NUM_IMAGES and DEVICE not given keep the base's value (the notebook's default without a base).
+    for key, value in (("NUM_IMAGES", num_images), ("DEVICE", device)):
+        if value is not None:
+            parameters[key] = value
     if overrides:
         parameters["OVERRIDES"] = list(parameters.get("OVERRIDES") or []) + list(overrides)
     return parameters
