@@ -1,0 +1,5 @@
+import sys
+
+from itaclip_core.explore.notebook_files import main
+
+sys.exit(main())
