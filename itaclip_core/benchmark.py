@@ -236,6 +236,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 a, b = np.load(ours_out), np.load(ref_out)
                 row["agreement"] = {"max_abs_prob_diff": float(np.abs(a["probs"] - b["probs"]).max()),
                                     "label_agreement": float((a["labels"] == b["labels"]).mean())}
+            if args.dtype not in (None, "float32") and args.compare_float32:
+                print(f"[{model} / {setting}] image, ours in float32 (for the agreement) ...", flush=True)
+                fp32_out = work / f"fp32-{model}-{setting}.npz"
+                row["image_ours_float32"] = run_isolated({**base, "dtype": "float32", "task": "image_ours",
+                                                          "cache_dir": str(cache) + "-fp32", "output": str(fp32_out)})
+                a, b = np.load(ours_out), np.load(fp32_out)
+                row["agreement_vs_float32"] = {"max_abs_prob_diff": float(np.abs(a["probs"] - b["probs"]).max()),
+                                               "label_agreement": float((a["labels"] == b["labels"]).mean())}
             rows.append(row)
             print_row(row)
     return {"rows": rows, "machine": {"python": platform.python_version(), "torch": torch.__version__,
@@ -268,10 +276,15 @@ def print_row(row: dict[str, Any]) -> None:
           f"straightforward {fmt(img_ref.get('seconds'))} ({memory(img_ref)}) | "
           f"ours {fmt(ours_img['seconds'])} ({memory(ours_img)}), {1 / ours_img['seconds']:.2f} images/s"
           + (f" | speed-up {img_ref['seconds'] / ours_img['seconds']:.2f}x" if img_ref else ""))
-    if "agreement" in row:
-        agreement = row["agreement"]
-        print(f"  agreement: max |prob diff| {agreement['max_abs_prob_diff']:.2e}, "
-              f"labels equal on {100 * agreement['label_agreement']:.3f}% of pixels", flush=True)
+    for key, what in (("agreement", "with the straightforward algorithm"), ("agreement_vs_float32", "with float32")):
+        if key in row:
+            agreement = row[key]
+            print(f"  agreement {what}: max |prob diff| {agreement['max_abs_prob_diff']:.2e}, "
+                  f"labels equal on {100 * agreement['label_agreement']:.3f}% of pixels", flush=True)
+    if "image_ours_float32" in row:
+        fp32 = row["image_ours_float32"]["seconds"]
+        print(f"  float32 image time {fp32:.2f} s: {row['dtype']} is {fp32 / ours_img['seconds']:.2f}x faster",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-limit", type=int, default=None,
                         help="time the straightforward text classifier on this many texts and extrapolate")
     parser.add_argument("--skip-reference", action="store_true", help="only time our pipeline")
+    parser.add_argument("--compare-float32", action="store_true",
+                        help="with a lower-precision --dtype, also run ours in float32 and report the agreement")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
     args = parser.parse_args(argv)
