@@ -81,3 +81,15 @@ def test_text_too_long_for_the_templates_is_named(tiny_clip, templates):
         encode_texts(tiny_clip, ["cat", long_name], templates)
     truncated = encode_texts(tiny_clip, [long_name], templates, truncate=True)
     assert truncated.shape == (1, 64)
+
+
+@pytest.mark.parametrize("strategy", ["_encode_per_template", "_encode_sorted"])
+def test_both_batching_strategies_equal_the_straightforward_encoding(tiny_clip, templates, strategy):
+    from itaclip_core.text.tokenizer import tokenize as tok
+
+    texts = ["cat", "a winged machine that flies through the air", "sky", "television monitor", "Cat"]
+    tokens = tok([classifier_module.fill_template(t, x) for x in texts for t in templates]).view(5, 80, -1)
+    encode = getattr(classifier_module, strategy)
+    per_prompt = encode(tiny_clip, tokens, 3, False)  # (texts, templates, D)
+    ours = torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1)
+    assert (ours - reference.text_features(tiny_clip, texts, templates)).abs().max().item() < 1e-5

@@ -6,10 +6,12 @@ of a non-background class becomes `(1 - c) * name + c * aux` (not renormalised);
 embedding. This is the published ITACLIP / SCLIP construction.
 
 Speed without changing the result (both rest on the text tower's causal mask):
-- prompts are encoded per template, many texts per batch, sorted by length, and each batch is run only up to its
-  longest end-of-text token: nothing after a prompt's end token can reach it;
-- the tokens a template puts before the text (`<start> a photo of a`) are the same for every text: they are run
-  once per batch and their keys and values reused (`CLIP.encode_text_shared_prefix`);
+- prompts are batched by length and each batch is run only up to its longest end-of-text token: nothing after a
+  prompt's end token can reach it;
+- on the CPU, prompts are also grouped by template: the tokens a template puts before the text
+  (`<start> a photo of a`) are the same for every text, so they are run once per batch and their keys and values
+  reused (`CLIP.encode_text_shared_prefix`). On a GPU, where launches rather than arithmetic set the pace, all
+  prompts go in a few large batches instead;
 - embeddings are cached on disk per text, keyed by the weights' identity, the dtype and the templates, so a second
   run with the same texts encodes nothing.
 """
@@ -96,9 +98,9 @@ def _save_bank(path: Path, bank: dict[str, torch.Tensor]) -> None:
 def _length_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Row indices of `tokens` (N, context) in batches of similar length, shortest first.
 
-    A batch runs to its longest end-of-text token, so rows of very different lengths (class names and long
-    definitions) are kept apart: a batch is closed when a row is more than a quarter (and 4 tokens) longer than
-    the batch's first row, or when it is full.
+    A batch runs to its longest end-of-text token, so rows of different lengths (class names and long definitions)
+    are kept apart: a batch is closed when a row is more than a tenth (and 2 tokens) longer than the batch's first
+    row, or when it is full.
     """
     lengths = tokens.argmax(dim=-1) + 1
     order = torch.argsort(lengths, stable=True).tolist()
@@ -106,12 +108,50 @@ def _length_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]
     first = 0  # length of the current batch's first (shortest) row
     for row in order:
         length = int(lengths[row])
-        if batches and len(batches[-1]) < batch_size and length <= max(1.25 * first, first + 4):
+        if batches and len(batches[-1]) < batch_size and length <= max(1.1 * first, first + 2):
             batches[-1].append(row)
         else:
             batches.append([row])
             first = length
     return [torch.tensor(batch, dtype=torch.long) for batch in batches]
+
+
+def _encode_per_template(model: CLIP, tokens: torch.Tensor, batch_size: int, progress: bool) -> torch.Tensor:
+    """(T, templates, D) normalised prompt embeddings, computed per template with the shared prefix run once.
+
+    Fewest operations: suited to the CPU, where time follows the amount of arithmetic.
+    """
+    texts, templates, _ = tokens.shape
+    embeddings = torch.empty(texts, templates, model.config.embed_dim, dtype=torch.float32)
+    batches = [(t, rows) for t in range(templates) for rows in _length_batches(tokens[:, t], batch_size)]
+    for template, rows in tqdm(batches, desc="text prompts", disable=not progress, leave=False):
+        group = tokens[rows, template]  # (n, context): one template, several texts, similar lengths
+        differs = (group != group[:1]).any(dim=0)
+        shared = int(differs.float().argmax()) if differs.any() else group.shape[1]
+        shared = min(shared, int(group.argmax(dim=-1).min()))  # every end-of-text token stays in the suffix
+        out = model.encode_text_shared_prefix(group.to(model.device), shared).float()
+        embeddings[rows, template] = F.normalize(out, dim=-1).cpu()
+    return embeddings
+
+
+def _encode_sorted(model: CLIP, tokens: torch.Tensor, batch_size: int, progress: bool) -> torch.Tensor:
+    """(T, templates, D) normalised prompt embeddings from large batches of all prompts sorted by length, each run
+    to its longest end-of-text token rounded up to a multiple of 16.
+
+    Fewest and most regular launches: suited to GPUs, where many small, differently shaped batches cost more than
+    the arithmetic they save.
+    """
+    texts, templates, context = tokens.shape
+    flat = tokens.view(texts * templates, context)
+    order = torch.argsort(flat.argmax(dim=-1), stable=True)
+    embeddings = torch.empty(flat.shape[0], model.config.embed_dim, dtype=torch.float32, device=model.device)
+    for start in tqdm(range(0, len(order), batch_size), desc="text prompts", disable=not progress, leave=False):
+        index = order[start : start + batch_size]
+        batch = flat[index]
+        length = min(context, -(-int(batch.argmax(dim=-1).max() + 1) // 16) * 16)
+        out = model.encode_text(batch[:, :length].to(model.device), trim=False).float()
+        embeddings[index.to(model.device)] = F.normalize(out, dim=-1)
+    return embeddings.cpu().view(texts, templates, -1)
 
 
 @torch.no_grad()
@@ -133,16 +173,10 @@ def _encode_uncached(
                 ) from None
         raise
     grouped = tokens.view(len(texts), len(templates), -1)  # (T, templates, context)
-    embeddings = torch.empty(len(texts), len(templates), model.config.embed_dim, dtype=torch.float32)
-    device = model.device
-    batches = [(t, rows) for t in range(len(templates)) for rows in _length_batches(grouped[:, t], batch_size)]
-    for template, rows in tqdm(batches, desc="text prompts", disable=not progress, leave=False):
-        group = grouped[rows, template]  # (n, context): one template, several texts, shortest first
-        differs = (group != group[:1]).any(dim=0)
-        shared = int(differs.float().argmax()) if differs.any() else group.shape[1]
-        shared = min(shared, int(group.argmax(dim=-1).min()))  # every end-of-text token stays in the suffix
-        out = model.encode_text_shared_prefix(group.to(device), shared).float()
-        embeddings[rows, template] = F.normalize(out, dim=-1).cpu()
+    if model.device.type == "cuda":
+        embeddings = _encode_sorted(model, grouped, batch_size, progress)
+    else:
+        embeddings = _encode_per_template(model, grouped, batch_size, progress)
     per_text = embeddings.mean(dim=1)  # (T, D)
     return F.normalize(per_text, dim=-1)
 
