@@ -224,6 +224,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if not args.skip_reference:
                 print(f"[{model} / {setting}] text, straightforward ...", flush=True)
                 row["text_reference"] = run_isolated({**base, "task": "text_reference", "text_limit": args.text_limit})
+            if "image" not in args.steps:
+                rows.append(row)
+                print_row(row)
+                continue
             print(f"[{model} / {setting}] image, ours ...", flush=True)
             ours_out = work / f"ours-{model}-{setting}.npz"
             row["image_ours"] = run_isolated({**base, "task": "image_ours", "cache_dir": str(cache),
@@ -259,12 +263,14 @@ def print_row(row: dict[str, Any]) -> None:
 
     text_ref = row.get("text_reference", {})
     img_ref = row.get("image_reference", {})
-    ours, ours_img = row["text_ours"], row["image_ours"]
+    ours, ours_img = row["text_ours"], row.get("image_ours")
     note = f" (extrapolated from {text_ref['measured_texts']} texts)" if text_ref.get("extrapolated") else ""
     print(f"  text classifier ({ours['texts']} texts x {ours['prompts_per_text']} prompts): "
           f"straightforward {fmt(text_ref.get('seconds'))}{note} | ours cold {fmt(ours['seconds_cold'])} "
           f"| warm {fmt(ours['seconds_warm'])}"
           + (f" | speed-up cold {text_ref['seconds'] / ours['seconds_cold']:.1f}x" if text_ref else ""))
+    if ours_img is None:
+        return
     gpu = "peak_gpu_mib" in ours_img
 
     def memory(step: dict[str, Any]) -> str:
@@ -299,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-repeats", type=int, default=1, help="timed runs of the straightforward image path")
     parser.add_argument("--text-limit", type=int, default=None,
                         help="time the straightforward text classifier on this many texts and extrapolate")
+    parser.add_argument("--steps", nargs="+", default=["text", "image"], choices=["text", "image"],
+                        help="what to measure (the text classifier is always built)")
     parser.add_argument("--skip-reference", action="store_true", help="only time our pipeline")
     parser.add_argument("--compare-float32", action="store_true",
                         help="with a lower-precision --dtype, also run ours in float32 and report the agreement")
