@@ -131,3 +131,17 @@ def test_shared_prefix_encoding_equals_plain_encoding(tiny_clip):
             assert (shared - plain).abs().max().item() < 1e-5
         # A prefix that would swallow an end-of-text token falls back to the plain path.
         assert torch.allclose(tiny_clip.encode_text_shared_prefix(tokens, 9), plain, atol=1e-5)
+
+
+def test_quick_gelu_inference_form_is_bit_identical():
+    from itaclip_core.model.clip import QuickGELU
+
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 4
+    original = x.clone()
+    expected = x * torch.sigmoid(1.702 * x)
+    with torch.no_grad():
+        assert torch.equal(QuickGELU()(x), expected)
+    assert torch.equal(x, original)  # the input is left as it was
+    trained = x.clone().requires_grad_(True)
+    out = QuickGELU()(trained)
+    assert torch.equal(out.detach(), expected) and out.requires_grad
