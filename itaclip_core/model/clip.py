@@ -81,13 +81,20 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = LayerNorm(width)
         self.heads = heads
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values of `ln_1(x)`, each (B, heads, N, head_dim). x: (B, N, width)."""
-        batch, tokens, width = x.shape
-        y = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)  # (B, N, 3 * width)
-        y = y.view(batch, tokens, 3, self.heads, width // self.heads)  # (B, N, 3, H, hd)
+    def in_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values of `ln_1(x)` side by side: (..., width) -> (..., 3 * width)."""
+        return F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)
+
+    def split_heads(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, 3 * width) from `in_projection` -> queries, keys and values, each (B, heads, N, head_dim)."""
+        batch, tokens, triple = projected.shape
+        y = projected.view(batch, tokens, 3, self.heads, triple // (3 * self.heads))  # (B, N, 3, H, hd)
         q, k, v = y.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, hd)
         return q, k, v
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of `ln_1(x)`, each (B, heads, N, head_dim). x: (B, N, width)."""
+        return self.split_heads(self.in_projection(x))
 
     def project(self, heads_out: torch.Tensor) -> torch.Tensor:
         """Merge heads and apply the output projection: (B, H, N, hd) -> (B, N, width)."""
@@ -294,20 +301,13 @@ class CLIP(nn.Module):
         lengths = eot - prefix + 1  # (B,) own positions of each row, end-of-text token included
         suffix = int(lengths.max())
         span = prefix + suffix
-        width, heads = self.transformer.width, self.transformer.resblocks[0].heads
         positions = self.positional_embedding.to(self.dtype)
-
-        def split_heads(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """(B, N, 3 width) -> queries, keys, values, each (B, H, N, hd)."""
-            q, k, v = rows.view(rows.shape[0], rows.shape[1], 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-            return q, k, v
-
         x = self.token_embedding(tokens[:1, :prefix]).to(self.dtype) + positions[:prefix]
         prefix_qkv: list[torch.Tensor] = []
         for block in self.transformer.resblocks:
-            projected = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)  # (1, P, 3 w)
+            projected = block.in_projection(x)  # (1, prefix, 3 width)
             prefix_qkv.append(projected)
-            x = block.attend(x, F.scaled_dot_product_attention(*split_heads(projected), is_causal=True))
+            x = block.attend(x, F.scaled_dot_product_attention(*block.split_heads(projected), is_causal=True))
         # Each row's positions laid out as (B, prefix + suffix): the prefix, then its own tokens, then padding.
         # The rows' real own tokens are kept packed, (N, width), for the per-token layers.
         own = torch.arange(suffix, device=device) < lengths[:, None]  # (B, suffix)
@@ -319,11 +319,11 @@ class CLIP(nn.Module):
         mask = torch.ones(suffix, span, dtype=torch.bool, device=device).tril(diagonal=prefix)
         last = len(self.transformer.resblocks) - 1
         for index, (block, prefix_rows) in enumerate(zip(self.transformer.resblocks, prefix_qkv)):
-            projected = F.linear(block.ln_1(y), block.attn.in_proj_weight, block.attn.in_proj_bias)  # (N, 3 width)
-            grid = projected.new_empty(batch * span, 3 * width)
+            projected = block.in_projection(y)  # (N, 3 width)
+            grid = projected.new_empty(batch * span, projected.shape[1])
             grid.view(batch, span, -1)[:, :prefix] = prefix_rows
             grid.index_copy_(0, packed, projected).index_fill_(0, padding, 0.0)
-            q, k, v = split_heads(grid.view(batch, span, -1))
+            q, k, v = block.split_heads(grid.view(batch, span, -1))
             if index == last:
                 # Only the end-of-text positions are read: their queries, output projection and MLP.
                 q = q[torch.arange(batch, device=device), :, prefix + lengths - 1].unsqueeze(2)  # (B, H, 1, hd)
