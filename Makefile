@@ -23,7 +23,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,llm]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test,llm,openclip,dino,sam,guided]"
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install --quiet --no-build-isolation -c constraints.txt "sam2>=1.0" "hydra-core>=1.3.2" "iopath>=0.1.10"
+	$(BIN)/python -m pip install --quiet -c constraints.txt "pydensecrf2>=1.1" || echo "pydensecrf2 did not build (it needs a C++ compiler and Python 3.11 or 3.12): the optional pydensecrf2 CRF backend is unavailable"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -164,7 +164,11 @@ def _parse_value(raw: str, key: str) -> Any:
         if hint is float:
             return float(text)
         if typing.get_origin(hint) is tuple:
-            return () if text.lower() in _NONE_WORDS else tuple(int(v) for v in text.replace(" ", "").split(","))
+            if text.lower() in _NONE_WORDS:
+                return ()
+            item_type = typing.get_args(hint)[0]
+            items = [v for v in text.replace(" ", "").split(",") if v]
+            return tuple(int(v) for v in items) if item_type is int else tuple(items)
         return text
     except ValueError as error:
         raise ValueError(f"--set {key}={raw}: cannot read {raw!r} for {key} ({error})") from None
