@@ -1,4 +1,5 @@
-"""`itaclip` command line: `itaclip segment`, `itaclip eval`, `itaclip data ...`, `itaclip texts ...`.
+"""`itaclip` command line: `itaclip segment`, `itaclip eval`, `itaclip compare`, `itaclip data ...`,
+`itaclip texts ...`.
 
 Each sub-command lives in its own module in this package and exposes `register(subparsers)`, which adds its
 parser and sets `func` (called with the parsed arguments, returning an exit status).
@@ -11,7 +12,7 @@ import importlib
 import sys
 from typing import Sequence
 
-_COMMAND_MODULES = ("segment", "eval", "data", "texts")
+_COMMAND_MODULES = ("segment", "eval", "compare", "data", "texts")
 
 
 def build_parser() -> argparse.ArgumentParser:

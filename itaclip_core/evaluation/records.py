@@ -5,7 +5,9 @@ An output directory holds:
 - `run.json`: the settings the counts depend on (preset, overrides, weights identity, dataset, number of
   samples). A later run into the same directory must have the same settings, or it is refused.
 - `records/rank<R>.jsonl`: one JSON line per evaluated image, written by process R as soon as the image is
-  scored (append, flush, fsync): the image's index, name and size, and its four IoU histograms.
+  scored (append, flush, fsync): the image's index, name and size, its four IoU histograms and its confusion
+  matrix as sparse `[label, prediction, pixels]` cells (records written before the confusion matrix was recorded
+  lack it; they are read as records without one).
 
 A run killed at any point loses at most the line being written. When started again, the torn tail of a record
 file is dropped, every complete record is loaded from all record files (whatever the number of processes of
@@ -20,6 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 MANIFEST_NAME = "run.json"
 RECORDS_DIR = "records"
@@ -44,23 +48,34 @@ class ImageRecord:
     pred: tuple[int, ...]  # per-class histogram of the prediction (ignored pixels dropped)
     label: tuple[int, ...]  # per-class histogram of the label (ignored pixels dropped)
     seconds: float = 0.0  # time spent predicting the image
+    # non-zero cells (label, prediction, pixels) of the image's confusion matrix; None: not recorded
+    confusion: tuple[tuple[int, int, int], ...] | None = None
+
+    def confusion_matrix(self, num_classes: int) -> np.ndarray | None:
+        """The (N, N) int64 confusion matrix (rows = label, columns = prediction), or None when not recorded."""
+        if self.confusion is None:
+            return None
+        matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        for label, pred, count in self.confusion:
+            matrix[label, pred] += count
+        return matrix
 
     def to_json(self) -> str:
         """One line of JSON (no newline)."""
-        return json.dumps(
-            {
-                "index": self.index,
-                "name": self.name,
-                "height": self.height,
-                "width": self.width,
-                "intersect": list(self.intersect),
-                "union": list(self.union),
-                "pred": list(self.pred),
-                "label": list(self.label),
-                "seconds": round(self.seconds, 4),
-            },
-            separators=(",", ":"),
-        )
+        data: dict[str, Any] = {
+            "index": self.index,
+            "name": self.name,
+            "height": self.height,
+            "width": self.width,
+            "intersect": list(self.intersect),
+            "union": list(self.union),
+            "pred": list(self.pred),
+            "label": list(self.label),
+            "seconds": round(self.seconds, 4),
+        }
+        if self.confusion is not None:
+            data["confusion"] = [list(cell) for cell in self.confusion]
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, line: str, num_classes: int) -> "ImageRecord | None":
@@ -78,12 +93,32 @@ class ImageRecord:
                 pred=counts[2],
                 label=counts[3],
                 seconds=float(data.get("seconds", 0.0)),
+                confusion=_confusion_cells(data.get("confusion"), num_classes),
             )
         except (ValueError, KeyError, TypeError):
             return None
         if any(len(c) != num_classes for c in counts):
             return None
         return record
+
+
+def sparse_confusion(matrix: np.ndarray) -> tuple[tuple[int, int, int], ...]:
+    """The non-zero cells `(label, prediction, pixels)` of a confusion matrix, row-major."""
+    rows, cols = np.nonzero(matrix)
+    return tuple((int(r), int(c), int(matrix[r, c])) for r, c in zip(rows, cols))
+
+
+def _confusion_cells(raw: Any, num_classes: int) -> tuple[tuple[int, int, int], ...] | None:
+    """Parse a record's `confusion` list (None when absent); raises ValueError on a malformed one."""
+    if raw is None:
+        return None
+    cells = []
+    for cell in raw:
+        label, pred, count = (int(v) for v in cell)
+        if not (0 <= label < num_classes and 0 <= pred < num_classes and count >= 0):
+            raise ValueError(f"confusion cell {cell} out of range")
+        cells.append((label, pred, count))
+    return tuple(cells)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -34,9 +34,10 @@ from itaclip_core.evaluation.records import (
     read_records,
     record_path,
     repair_tail,
+    sparse_confusion,
 )
 from itaclip_core.inference.preprocess import PreparedImage, prepare_image, read_image_bgr
-from itaclip_core.metrics import IoUAccumulator, intersect_and_union
+from itaclip_core.metrics import IoUAccumulator, confusion_counts, intersect_and_union
 
 
 class SegmentorLike(Protocol):
@@ -218,10 +219,11 @@ def evaluate(
                     "`itaclip data check`)"
                 )
             counts = intersect_and_union(labels, gt, num_classes, dataset.ignore_index)
+            confusion = sparse_confusion(confusion_counts(labels, gt, num_classes, dataset.ignore_index))
             _save_outputs(options, dataset, index, labels, gt, palette)
             height, width = prepared.original_size
             writer.write(ImageRecord(index, names[index], height, width, *(tuple(c.tolist()) for c in counts),
-                                     seconds=seconds))  # fmt: skip
+                                     seconds=seconds, confusion=confusion))  # fmt: skip
             accumulator.add(*counts)
             bar.update(1)
             bar.set_postfix(mIoU=_running_miou(accumulator))
