@@ -149,8 +149,7 @@ def plot_heatmap(runs: Sequence[LoadedRun], class_names: Sequence[str], path: Pa
     masked = np.ma.masked_invalid(iou)
     import matplotlib
 
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("lightgrey")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
     image = axes.imshow(masked, aspect="auto", cmap=cmap, vmin=0, vmax=100, interpolation="nearest")
     axes.set_yticks(range(len(runs)))
     axes.set_yticklabels([run.name for run in runs], fontsize=8)
