@@ -392,19 +392,18 @@ def build_report(
     return report
 
 
-def format_markdown(report: dict[str, Any]) -> str:
-    """results.md of a comparison report."""
+def markdown_sections(report: dict[str, Any]) -> dict[str, str]:
+    """The report's Markdown by section: `summary`, `main`, `paired`, `per_class`, `differ_most`, `focus`,
+    `figures` (a section without content is an empty string)."""
     dataset = report["dataset"]
     subset = (f"the first {report['num_images']} of {report['dataset_images']} images"
               if report["num_images"] < report["dataset_images"] else f"all {report['num_images']} images")  # fmt: skip
     weights = report["weights_id"]
     weights_text = weights_line(weights) if isinstance(weights, str) else "weights: " + ", ".join(
         weights_line(w) for w in weights)  # fmt: skip
-    lines = [f"# Comparison on {dataset['title']}", "",
-             f"{len(report['configurations'])} configurations on {subset} of `{dataset['name']}` at "
-             f"`{dataset['root']}`; {weights_text}.", "",
-             "## Main table", "",
-             "| configuration | preset | settings changed | mIoU | published mIoU | difference | mAcc | aAcc |",
+    sections = {"summary": f"{len(report['configurations'])} configurations on {subset} of `{dataset['name']}` at "
+                           f"`{dataset['root']}`; {weights_text}."}  # fmt: skip
+    lines = ["| configuration | preset | settings changed | mIoU | published mIoU | difference | mAcc | aAcc |",
              "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for row in report["configurations"]:
         mark = "" if row["comparable"] or row["published_mIoU"] is None else " *"
@@ -422,33 +421,37 @@ def format_markdown(report: dict[str, Any]) -> str:
         for source in sources.values():
             note = f" {source['note']}" if source.get("note") else ""
             lines.append(f"- {source['where']} ({source['kind']}): <{source['url']}>.{note}")
+    sections["main"] = "\n".join(lines)
+    lines = []
     if report["paired"]:
         level = int(round(report["paired"][0]["bootstrap"]["level"] * 100))
-        lines += ["", f"## Paired differences against {report['baseline']}", "",
-                  f"| configuration | mIoU difference | {level}% bootstrap CI | images better / worse / equal | "
-                  "mean per-image difference |", "|---|---:|---|---|---:|"]  # fmt: skip
+        lines += [f"| configuration | mIoU difference vs {report['baseline']} | {level}% bootstrap CI | "
+                  "images better / worse / equal | mean per-image difference |", "|---|---:|---|---|---:|"]
         for pair in report["paired"]:
             boot = pair["bootstrap"]
             lines.append(f"| {pair['name']} | {_fmt(boot['difference'], True)} | [{_fmt(boot['low'], True)}, "
                          f"{_fmt(boot['high'], True)}] | {pair['better']} / {pair['worse']} / {pair['equal']} | "
                          f"{_fmt(pair['mean'], True)} |")  # fmt: skip
-        lines += ["", f"The interval resamples the images with replacement ({report['paired'][0]['bootstrap']['resamples']}"
-                  " resamples, the same images for both configurations) and recomputes both dataset mIoUs; an interval "
-                  "that contains 0 does not tell the two apart on these images."]  # fmt: skip
+        lines += ["", f"The interval resamples the images with replacement "
+                  f"({report['paired'][0]['bootstrap']['resamples']} resamples, the same images for both "
+                  "configurations) and recomputes both dataset mIoUs; an interval that contains 0 does not tell the "
+                  "two apart on these images."]  # fmt: skip
+    sections["paired"] = "\n".join(lines)
     names = [row["name"] for row in report["configurations"]]
-    lines += ["", "## Per class (IoU)", "", "| class | " + " | ".join(names) + " |",
-              "|---|" + "---:|" * len(names)]  # fmt: skip
+    lines = ["| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for j, name in enumerate(report["class_names"]):
         lines.append(f"| {name} | " + " | ".join(_fmt(report["per_class_iou"][c][j]) for c in names) + " |")
+    sections["per_class"] = "\n".join(lines)
+    lines = []
     if report["differ_most"]:
-        lines += ["", "## Classes where the configurations differ most", "",
-                  "| class | spread (points) | best | worst |", "|---|---:|---|---|"]  # fmt: skip
+        lines += ["| class | spread (points) | best | worst |", "|---|---:|---|---|"]
         for row in report["differ_most"]:
             lines.append(f"| {row['class']} | {_fmt(row['spread'])} | {row['best']} | {row['worst']} |")
+    sections["differ_most"] = "\n".join(lines)
+    lines = []
     focus = report.get("focus")
     if focus:
-        lines += ["", f"## Focus: {focus['class']}", "",
-                  "| configuration | IoU | precision | recall | its pixels predicted as | predicted as it instead of | "
+        lines += ["| configuration | IoU | precision | recall | its pixels predicted as | predicted as it instead of | "
                   "images | median per-image IoU |", "|---|---:|---:|---:|---|---|---:|---:|"]  # fmt: skip
         for row in focus["configurations"]:
             missed = ", ".join(f"{c['class']} {c['share']:.1f}%" for c in row["predicted_as"][:3]) or "-"
@@ -456,6 +459,8 @@ def format_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {row['name']} | {_fmt(row['IoU'])} | {_fmt(row['precision'])} | {_fmt(row['recall'])} "
                          f"| {missed} | {false} | {row['per_image']['images']} | "
                          f"{_fmt(row['per_image']['median'])} |")  # fmt: skip
+        lines += ["", "Shares: of the focus class's labelled pixels (predicted as), of its predicted pixels (predicted "
+                  "as it instead of); images: those where it is labelled or predicted."]  # fmt: skip
         missing = max(row["confusion_images_missing"] for row in focus["configurations"])
         if missing:
             lines += ["", f"{missing} images have records without a confusion matrix (written by an older version): "
@@ -465,9 +470,22 @@ def format_markdown(report: dict[str, Any]) -> str:
                       + ", ".join(f"`{d['image']}` ({d['spread']:.1f})" for d in focus["disagreement"]) + "."]
         if focus.get("gallery_note"):
             lines += ["", focus["gallery_note"] + "."]
-    if report["figures"]:
-        lines += ["", "## Figures", ""]
-        for key, path in report["figures"].items():
-            relative = Path(path).name
-            lines.append(f"- {key}: ![{key}]({FIGURES_DIR}/{relative})")
+    sections["focus"] = "\n".join(lines)
+    sections["figures"] = "\n".join(f"- {key}: ![{key}]({FIGURES_DIR}/{Path(path).name})"
+                                    for key, path in report["figures"].items())  # fmt: skip
+    return sections
+
+
+_TITLES = {"main": "Main table", "paired": "Paired differences", "per_class": "Per class (IoU)",
+           "differ_most": "Classes where the configurations differ most", "figures": "Figures"}  # fmt: skip
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """results.md of a comparison report."""
+    sections = markdown_sections(report)
+    lines = [f"# Comparison on {report['dataset']['title']}", "", sections["summary"]]
+    for key in ("main", "paired", "per_class", "differ_most", "focus", "figures"):
+        if sections[key]:
+            title = f"Focus: {report['focus']['class']}" if key == "focus" else _TITLES[key]
+            lines += ["", f"## {title}", "", sections[key]]
     return "\n".join(lines) + "\n"
