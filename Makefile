@@ -17,7 +17,13 @@ PRESET    ?= itaclip_voc21
 DATA_ROOT ?=
 REPORT_OUT ?= out/report
 
-.PHONY: install demo test test-fast report clean-venv
+# Comparison report (see `make compare`): CONFIGS is preset1,preset2,... or a YAML/JSON file of configurations.
+CONFIGS     ?=
+FOCUS       ?= person
+NUM_IMAGES  ?=
+COMPARE_OUT ?= out/compare
+
+.PHONY: install demo test test-fast report compare clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +50,11 @@ report: install
 	@test -n "$(DATA_ROOT)" || (echo "make report needs DATA_ROOT=/path/to/dataset (and PRESET=..., WEIGHTS=...)"; exit 2)
 	$(BIN)/python -m itaclip_core.evaluation.notebook_report --preset "$(PRESET)" --data-root "$(DATA_ROOT)" \
 		--weights "$(WEIGHTS)" --out "$(REPORT_OUT)"
+
+compare: install
+	@test -n "$(CONFIGS)" -a -n "$(DATA_ROOT)" || (echo "make compare needs CONFIGS=preset1,preset2 (or a YAML/JSON file of configurations) and DATA_ROOT=/path/to/dataset (and WEIGHTS=..., FOCUS=..., NUM_IMAGES=...)"; exit 2)
+	$(BIN)/python -m itaclip_core.evaluation.compare_notebook --configs "$(CONFIGS)" --data-root "$(DATA_ROOT)" \
+		--weights "$(WEIGHTS)" --focus "$(FOCUS)" --out "$(COMPARE_OUT)" $(if $(NUM_IMAGES),--num-images $(NUM_IMAGES))
 
 clean-venv:
 	rm -rf $(VENV)

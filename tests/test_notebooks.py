@@ -21,7 +21,7 @@ from PIL import Image
 
 from itaclip_core import explore
 from itaclip_core.data.synthetic import make_synthetic_dataset
-from itaclip_core.evaluation import notebook_report
+from itaclip_core.evaluation import compare_notebook, notebook_report
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -51,7 +51,19 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "08_speed": ({"timings", "speedup_vs_straightforward", "max_abs_difference", "label_agreement", "num_images"},
                  {"08_throughput.png", "08_memory.png"}),
     "09_explorer": ({"settings", "areas", "updates", "seconds"}, {"09_explorer.png"}),
+    "13_compare": ({"configurations", "paired", "differ_most", "focus", "num_images", "weights_id"},
+                   {"13_main.png", "13_heatmap.png", "13_paired.png", "13_focus_distribution.png",
+                    "13_focus_gallery.png"}),
+    "14_person": ({"steps", "left_out", "configurations", "focus_figures", "shown", "num_images"},
+                  {"14_steps.png", "14_heatmap.png", "14_focus_distribution.png", "14_attention.png",
+                   "14_errors.png"}),
 }  # fmt: skip
+# Parameters some notebooks read beyond the shared ones (papermill injects them). 13 focuses on a class the CI
+# images hold (horse), so that its gallery is drawn; 14 keeps person, which they do not hold.
+EXTRA_PARAMETERS: dict[str, dict[str, Any]] = {
+    "13_compare": {"COMPARE": "itaclip_voc21,sclip_voc21", "FOCUS": "horse", "BOOTSTRAP": 200},
+    "14_person": {"BOOTSTRAP": 200},
+}
 SCORE_KEYS = ("mIoU", "mAcc", "aAcc")
 
 
@@ -143,7 +155,7 @@ def check_results(name: str, out_dir: Path, figures_dir: Path, parameters: dict[
 def test_notebook_runs_with_ci_parameters(name: str, ci_run: dict[str, Any]) -> None:
     import papermill
 
-    parameters = ci_run["parameters"]
+    parameters = {**ci_run["parameters"], **EXTRA_PARAMETERS.get(name, {})}
     papermill.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(ci_run["work"] / "executed" / f"{name}.ipynb"),
                                parameters=parameters, kernel_name="python3", cwd=str(ROOT),
                                execution_timeout=CELL_TIMEOUT, progress_bar=False)  # fmt: skip
@@ -161,6 +173,16 @@ def test_notebook_runs_with_ci_parameters(name: str, ci_run: dict[str, Any]) -> 
         assert results["max_abs_difference"] < 1e-4 and results["label_agreement"] > 0.99  # the two algorithms agree
     if name == "09_explorer":
         assert results["updates"] == 1
+    if name == "13_compare":
+        assert [row["name"] for row in results["configurations"]] == ["itaclip_voc21", "sclip_voc21"]
+        assert results["focus"]["class"] == "horse" and results["focus"]["disagreement"]
+        assert results["paired"][0]["bootstrap"]["resamples"] == 200
+    if name == "14_person":
+        steps = [step["step"] for step in results["steps"]]
+        assert steps[:5] == ["SCLIP", "ITACLIP baseline", "ITACLIP +A", "ITACLIP +A+T", "ITACLIP"]
+        for method in ("naclip", "clearclip", "resclip", "scclip", "cliptrase"):  # a step, or left out with a note
+            preset = f"{method}_voc21"
+            assert (preset in steps) != any(note.startswith(f"{preset} left out") for note in results["left_out"])
 
 
 @pytest.mark.notebook
@@ -198,3 +220,41 @@ def test_report_parameters() -> None:
     kept = notebook_report.report_parameters("itaclip_voc21", "d", "random-tiny", "o",
                                              base={"NUM_IMAGES": 2, "DEVICE": "cpu", "DATASET": "voc21"})  # fmt: skip
     assert (kept["NUM_IMAGES"], kept["DEVICE"], kept["DATASET"]) == (2, "cpu", None)  # the preset names the dataset
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(NOTEBOOK_TIMEOUT)
+def test_make_compare_runs_the_comparison_notebook_and_renders_html(ci_run: dict[str, Any]) -> None:
+    parameters = ci_run["parameters"]
+    out = ci_run["work"] / "compare_report"
+    argv = ["--configs", "itaclip_voc21,sclip_voc21", "--data-root", parameters["DATA_ROOT"], "--weights",
+            "random-tiny", "--out", str(out), "--num-images", "2", "--focus", "horse", "--parameters",
+            str(CI_PARAMETERS), "--cell-timeout", str(CELL_TIMEOUT)]  # fmt: skip
+    assert compare_notebook.main(argv) == 0
+    html = (out / "13_compare.html").read_text(encoding="utf-8")
+    assert "Comparing configurations" in html and "published mIoU" in html and "data:image/png;base64" in html
+    resolved = {**parameters, "DATA_ROOT": str(Path(parameters["DATA_ROOT"]).resolve())}
+    results = check_results("13_compare", out, out / "figures", resolved)
+    assert [row["name"] for row in results["configurations"]] == ["itaclip_voc21", "sclip_voc21"]
+    records = out / "13_compare_voc21" / "configs" / "sclip_voc21" / "records" / "rank0.jsonl"
+    stamp = records.stat().st_mtime_ns
+    assert compare_notebook.main(argv) == 0  # finished configurations are read, not run again
+    assert records.stat().st_mtime_ns == stamp
+    assert check_results("13_compare", out, out / "figures", resolved)["configurations"] == results["configurations"]
+
+
+def test_make_compare_refuses_bad_input_before_the_notebook(ci_run: dict[str, Any], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    root = ci_run["parameters"]["DATA_ROOT"]
+    for configs, focus, message in (("itaclip_voc21,nope_voc21", "person", "unknown preset 'nope_voc21'"),
+                                    ("itaclip_voc21,sclip_context60", "person", "different datasets"),
+                                    ("itaclip_voc21", "persn", "--focus persn")):  # fmt: skip
+        argv = ["--configs", configs, "--data-root", root, "--weights", "random-tiny", "--out", str(tmp_path / "o"),
+                "--focus", focus]  # fmt: skip
+        assert compare_notebook.main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("- {name: a, preset: sclip_voc21}\n")
+    made = compare_notebook.compare_parameters(str(grid), root, "random-tiny", tmp_path / "o", "person")
+    assert made["COMPARE"] == str(grid.resolve()) and made["PRESET"] == "sclip_voc21" and made["FOCUS"] == "person"

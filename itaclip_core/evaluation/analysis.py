@@ -199,10 +199,11 @@ def disagreement(per_image: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def most_different_classes(iou: np.ndarray, class_names: Sequence[str], top: int = 10) -> list[dict[str, Any]]:
-    """Classes whose IoU varies most over configurations: iou is (C, K) percent (NaN: absent)."""
+    """Classes whose IoU varies most over configurations (those that vary at all): iou is (C, K) percent (NaN:
+    absent); each row names the class, its spread and the indices of the best and worst configuration."""
     iou = np.asarray(iou, dtype=np.float64)
     spread = disagreement(list(iou))  # over configurations, per class
-    order = [j for j in np.argsort(-spread, kind="stable") if np.isfinite(spread[j])][:top]
+    order = [j for j in np.argsort(-spread, kind="stable") if np.isfinite(spread[j]) and spread[j] > 0][:top]
     rows = []
     for j in order:
         column = iou[:, j]
