@@ -59,6 +59,12 @@ def _configs_file(path: Path, delay: float = 0.0) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ confusion records
+def record_fields(record: ImageRecord) -> tuple:
+    """The fields of a record after its index and name (size, histograms, seconds, confusion)."""
+    return (record.height, record.width, record.intersect, record.union, record.pred, record.label, 0.0,
+            record.confusion)
+
+
 def test_confusion_by_hand_and_its_record_round_trip() -> None:
     label = np.array([[0, 0, 1, 255], [1, 2, 2, 2]])
     pred = np.array([[0, 1, 1, 2], [2, 2, 0, 7]])  # 7: outside the classes
@@ -77,6 +83,8 @@ def test_confusion_by_hand_and_its_record_round_trip() -> None:
     del old["confusion"]
     legacy = ImageRecord.from_json(json.dumps(old), 3)
     assert legacy is not None and legacy.confusion is None and legacy.intersect == record.intersect
+    mixed = analysis.image_counts({0: legacy, 1: ImageRecord(1, "b", *record_fields(record))}, 3)
+    assert mixed.without_confusion == 1 and np.array_equal(mixed.confusion, expected)
     bad = dict(old, confusion=[[0, 3, 1]])  # a class id beyond the classes
     assert ImageRecord.from_json(json.dumps(bad), 3) is None
 

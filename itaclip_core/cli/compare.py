@@ -38,6 +38,7 @@ def _run(args: argparse.Namespace) -> int:
     from itaclip_core.evaluation.compare import CompareError, plan_comparison, run_comparison
     from itaclip_core.evaluation.distributed import init_distributed
     from itaclip_core.evaluation.records import ResumeError
+    from itaclip_core.model.weights import ChecksumError, WeightsUnavailableError
 
     bad_input = (CompareError, DatasetError, ResumeError, ValueError, FileNotFoundError)
     context = init_distributed(args.device)
@@ -76,6 +77,9 @@ def _run(args: argparse.Namespace) -> int:
     except bad_input as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (WeightsUnavailableError, ChecksumError) as error:  # no weights offline, or a damaged download
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     finally:
         context.close()
     if report is not None:

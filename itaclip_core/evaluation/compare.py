@@ -433,7 +433,7 @@ def run_comparison(
         options = EvalOptions(out_dir=folder, preset=configuration.preset, weights_id=weights_id,
                               overrides=list(configuration.overrides), num_samples=plan.num_samples,
                               save_preds=folder / PREDS_DIR if save_preds else None, workers=workers,
-                              progress=progress)  # fmt: skip
+                              progress=progress, label=configuration.name)  # fmt: skip
         if context.is_main and progress:
             print(f"[{number}/{len(plan.configurations)}] {configuration.name}: {configuration.preset} "
                   f"{' '.join(configuration.overrides)}".rstrip())  # fmt: skip

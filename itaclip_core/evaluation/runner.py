@@ -64,6 +64,7 @@ class EvalOptions:
     save_vis: int = 0  # write image / prediction / ground-truth panels of the first K images
     workers: int = 2  # DataLoader worker processes (0: load in the main process)
     progress: bool = True  # show a progress bar (rank 0 only)
+    label: str | None = None  # what the progress bar names (None: the preset)
 
 
 class _EvalItems(Dataset):
@@ -204,7 +205,7 @@ def evaluate(
         num_workers=options.workers,
         collate_fn=_single,
     )
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval {options.preset}", unit="img",
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval {options.label or options.preset}", unit="img",
                disable=not (options.progress and context.is_main), dynamic_ncols=True)  # fmt: skip
     bar.set_postfix(mIoU=_running_miou(accumulator))
     try:
