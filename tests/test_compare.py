@@ -159,6 +159,17 @@ def test_published_table_covers_every_benchmark_preset() -> None:
     assert published_result("itaclip_voc21").miou == 67.9 and published_result("open_vocab") is None
 
 
+def test_reference_weights_are_recognised_by_their_sha256() -> None:
+    from itaclip_core.evaluation.comparison_report import is_reference_weights, weights_line
+    from itaclip_core.model.weights import REGISTRY
+
+    digest = REGISTRY["ViT-B/16"].sha256
+    assert is_reference_weights(f"ViT-B/16 sha256:{digest}") and is_reference_weights(f"ViT-B-16.pt sha256:{digest}")
+    assert not is_reference_weights(f"ViT-B/32 sha256:{REGISTRY['ViT-B/32'].sha256}")
+    assert not is_reference_weights("random-tiny:0")
+    assert weights_line(f"ViT-B-16.pt sha256:{digest}") == f"weights: `ViT-B-16.pt`, sha256 `{digest}`"
+
+
 # ------------------------------------------------------------------------------------------------ configurations
 def test_configuration_files_and_common_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     yaml_file = tmp_path / "grid.yaml"

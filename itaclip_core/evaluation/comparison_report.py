@@ -75,6 +75,13 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
+def is_reference_weights(weights_id: str) -> bool:
+    """The weights the published numbers use (OpenAI's ViT-B/16), by name or by the checkpoint's sha256."""
+    from itaclip_core.model.weights import REGISTRY
+
+    return weights_id.partition(" sha256:")[2] == REGISTRY[_REFERENCE_WEIGHTS].sha256
+
+
 def weights_line(weights_id: str) -> str:
     """A sentence naming the weights and their sha256 (or saying there is none)."""
     name, _, digest = weights_id.partition(" sha256:")
@@ -295,8 +302,7 @@ def build_report(
     rows = []
     for run in runs:
         published = published_result(run.preset)
-        comparable = bool(published) and not run.overrides and not subset and weights_ids[0].startswith(
-            _REFERENCE_WEIGHTS + " ")  # fmt: skip
+        comparable = bool(published) and not run.overrides and not subset and is_reference_weights(weights_ids[0])
         rows.append({
             "name": run.name, "preset": run.preset, "overrides": run.overrides,
             "mIoU": run.results["mIoU"], "mAcc": run.results["mAcc"], "aAcc": run.results["aAcc"],
