@@ -22,10 +22,12 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from itaclip_core.errors import UserError
+
 IGNORE_INDEX = 255
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset folder is missing, incomplete or malformed."""
 
 

@@ -21,13 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from itaclip_core.errors import UserError
+
 MANIFEST_NAME = "run.json"
 RECORDS_DIR = "records"
 # Settings that must match for a run to continue an earlier one.
 MANIFEST_KEYS = ("preset", "overrides", "weights_id", "dataset", "num_samples", "num_images", "num_classes")
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """An output directory holds results of a run with different settings, or of a different image list."""
 
 
