@@ -267,13 +267,13 @@ def check_weights_spec(spec: str | Path) -> None:
         return
     path = Path(text).expanduser()
     if path.is_dir():
-        problem = "is a folder; give the checkpoint file inside it"
+        problem = ": is a folder; give the checkpoint file inside it"
     elif not path.exists():
-        problem = "is neither a checkpoint file nor a known model name"
+        problem = ": checkpoint not found (no such file, and not a known model name)"
     else:
         return
-    raise CheckpointError(f"weights={text!r} {problem}. Accepted: {WEIGHTS_HELP}",
-                          cli=f"--weights {text} {problem}. Accepted: {WEIGHTS_HELP}")
+    raise CheckpointError(f"weights={text!r}{problem}.\nAccepted: {WEIGHTS_HELP}",
+                          cli=f"--weights {text}{problem}.\nAccepted: {WEIGHTS_HELP}")
 
 
 def load_clip(
