@@ -151,7 +151,7 @@ def check_input_file(path: str | Path, flag: str, what: str = "file") -> Path:
     if path.is_dir():
         raise CliError(f"{flag} {path} is a folder; give the {what}")
     if not path.is_file():
-        raise CliError(f"{flag} {path}: no such {what}")
+        raise CliError(f"{flag} {path}: {what} not found")
     return path
 
 
