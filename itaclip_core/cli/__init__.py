@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:  # --help, --version, or a usage error (argparse printed it)
         return int(stop.code or 0) if not isinstance(stop.code, str) else 2
     if not getattr(args, "func", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
     prog = " ".join(["itaclip"] + [p for p in (args.command, getattr(args, "data_command", None),
                                                getattr(args, "texts_action", None)) if p])  # fmt: skip

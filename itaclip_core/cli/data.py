@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from itaclip_core.cli.common import CliError, add_progress_argument, check_output_dir, positive_int
@@ -62,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "data", help="prepare and check benchmark datasets (or write a synthetic one to try `itaclip eval`)"
     )
     commands = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+    parser.set_defaults(func=lambda args: (parser.print_help(sys.stderr), 2)[1])
 
     check = commands.add_parser("check", help="report what is missing or malformed in a dataset folder")
     check.add_argument("root", help="dataset root (MMSegmentation layout)")

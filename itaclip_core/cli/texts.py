@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from itaclip_core.cli.common import (
@@ -93,7 +94,7 @@ def register(subparsers: Any) -> None:
 
 
 def _print_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
+    parser.print_help(sys.stderr)
     return 2
 
 
