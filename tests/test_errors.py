@@ -161,7 +161,7 @@ CLI_ROWS = [
     ("seg-device-cuda", SEG + " --device cuda", 2, "--device cuda: no CUDA GPU is usable here"),
     ("seg-device-name", SEG + " --device gpu", 2, "--device gpu: not a device name"),
     ("seg-undecodable-only", "segment {not_image} --classes cat " + TINY + " --set templates={templates} "
-     "--out {out}", 2, "no image could be segmented"),
+     "--out {out}", 2, "could be read; nothing was written"),
     # ------------------------------------------------------------------ eval
     ("eval-no-preset", "eval --data-root {voc}", 2, "--preset"),
     ("eval-unknown-preset", "eval --preset nope --data-root {voc} --out {out}", 2, "unknown preset 'nope'"),

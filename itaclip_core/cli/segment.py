@@ -184,10 +184,11 @@ def _segment_all(segmentor: Any, images: list[Path], out: Path, args: argparse.N
             _write_atomically(out / f"{stem}.npz", lambda p: np.savez_compressed(
                 p, probs=prediction.probs, labels=prediction.labels, class_names=np.array(prediction.class_names)))
         done += 1
-    print(f"segmented {done} of {len(images)} image(s) into {out}")
     for path, message in failures:
         print(f"{prog}: skipped {path}: {message}", file=sys.stderr)
     if done == 0:
-        print(f"{prog}: error: no image could be segmented; nothing was written", file=sys.stderr)
+        print(f"{prog}: error: none of the {len(images)} image(s) could be read; nothing was written",
+              file=sys.stderr)  # fmt: skip
         return 2
+    print(f"segmented {done} of {len(images)} image(s) into {out}")
     return 1 if failures else 0
