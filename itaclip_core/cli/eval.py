@@ -168,7 +168,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_device_argument(parser)
     add_dtype_argument(parser)
     add_set_argument(parser)
-    parser.add_argument("--workers", type=non_negative_int, default=2, help="image-loading worker processes (default 2)")
+    parser.add_argument("--workers", type=non_negative_int, default=2,
+                        help="image-loading worker processes (default 2)")  # fmt: skip
     parser.add_argument("--segmentor-factory", default=None, metavar="MODULE:FUNCTION",
                         help="build the segmentor with FUNCTION(preset, weights=, device=, overrides=) instead of "
                         "Segmentor.from_preset (to evaluate another model with this runner)")  # fmt: skip

@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--classes", help='comma-separated class names, variants joined by "|": "cat|kitten, dog, sky"')
     group.add_argument("--classes-file", type=Path, help="class-name file: one class per line, variants by ', '")
     parser.add_argument("--preset", default=None, choices=list_presets(), metavar="NAME",
-                        help=f"settings preset (default open_vocab with --classes); one of: {', '.join(list_presets())}")
+                        help="settings preset (default open_vocab with --classes); one of: "
+                        + ", ".join(list_presets()))  # fmt: skip
     parser.add_argument("--aux", default=None, help="definitions/synonyms file (`name >=text` per class)")
     add_weights_argument(parser)
     add_device_argument(parser)
