@@ -87,7 +87,9 @@ def resolve_text_path(path: str | Path, what: str) -> Path:
 _FILE_NAME = re.compile(r"^[^,|\s]+\.[A-Za-z0-9]{1,5}$|[/\\]")
 
 
-def _vocabulary(classes: ClassesInput) -> ClassVocabulary:
+def class_vocabulary(classes: ClassesInput) -> ClassVocabulary:
+    """The classes a class-name file, a `"cat, dog|puppy"` string or a list names (a string naming an existing
+    file is read as one; one that looks like a missing file name is an error)."""
     if isinstance(classes, ClassVocabulary):
         return classes
     if isinstance(classes, Path):
@@ -148,7 +150,7 @@ def plan_classes(
         config, note = user_classes_config(config)
         if note:
             notes.append(note)
-    vocab = _vocabulary(classes)
+    vocab = class_vocabulary(classes)
     background = config.background if background is None else background
     aux_path = config.aux_file if aux_file is True else (aux_file or None)
     aux_texts = None
@@ -162,6 +164,9 @@ def plan_classes(
     if not config.truncate_texts:
         check_prompt_lengths(vocab.queries + (aux_texts or []), templates, context_length)
     coef = config.aux_coef if aux_coef is None else aux_coef
+    if aux_texts is not None and coef == 0:
+        notes.append(f"aux_coef is 0, so the auxiliary texts of {aux_path} have no effect; give a weight such as "
+                     "aux_coef=0.1 (--set aux_coef=0.1)")  # fmt: skip
     return ClassPlan(config, vocab, background, aux_texts, coef, templates, tuple(notes))
 
 

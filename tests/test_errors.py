@@ -61,6 +61,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files["classes"].write_text("cat\ndog\nsky\n")
     files["aux_count"] = base / "aux_count.txt"
     files["aux_count"].write_text("cat >=a small pet\n")
+    files["aux_ordered"] = base / "aux_ordered.txt"
+    files["aux_ordered"].write_text("cat >=a small pet\ndog >=a hound\nsky >=the air above\n")
     files["aux_swapped"] = base / "aux_swapped.txt"
     files["aux_swapped"].write_text("dog >=a hound\ncat >=a small pet\nsky >=the air above\n")
     files["garbage_pt"] = base / "garbage.pt"
@@ -372,3 +374,34 @@ def test_weights_help_lists_every_model_name() -> None:
     from itaclip_core.cli.common import MODEL_NAMES
 
     assert set(MODEL_NAMES) == set(weights_module.REGISTRY)
+
+
+def test_eval_refuses_a_class_file_of_another_size_before_loading(world, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    code = main(_argv(EVAL + " --set classes={classes} --weights {dir}/never-loaded.pt", world, out))
+    err = capsys.readouterr().err
+    assert code == 2 and "has 3 classes but Pascal VOC" in err and not out.exists()
+
+
+def test_an_unreadable_label_mid_run_is_reported_and_finished_images_kept(world, tmp_path, capsys) -> None:
+    root = tmp_path / "voc"
+    shutil.copytree(world["voc"], root)
+    second = (root / "VOC2012/ImageSets/Segmentation/val.txt").read_text().split()[1]
+    (root / "VOC2012/SegmentationClass" / f"{second}.png").write_bytes(b"\x89PNG damaged")
+    out = tmp_path / "out"
+    arguments = (f"eval --preset itaclip_voc21 --data-root {root} {TINY} --workers 1 --out {out} "
+                 f"--set templates={world['templates']} --set stride=112 --set short_side=224")  # fmt: skip
+    assert main(shlex.split(arguments)) == 2
+    err = capsys.readouterr().err
+    assert "could not read the label file" in err and "1 images scored so far are kept" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2
+    records = (out / "records" / "rank0.jsonl").read_text().splitlines()
+    assert len(records) == 1  # the first image's record is kept for the next run
+
+
+def test_aux_texts_without_weight_are_noted(world, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    code = main(_argv("segment {img} --classes-file {classes} --aux {aux_ordered} " + TINY
+                      + " --set templates={templates} --set stride=112 --out {out}", world, out))  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0 and "aux_coef is 0" in err and "--set aux_coef=0.1" in err

@@ -78,9 +78,10 @@ def _check_resumable(out_dir: Path, manifest: dict[str, Any]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from itaclip_core.cli import note
     from itaclip_core.data.registry import get_dataset
     from itaclip_core.evaluation.distributed import init_distributed
-    from itaclip_core.evaluation.runner import EvalOptions, check_eval_files, evaluate
+    from itaclip_core.evaluation.runner import check_eval_files, evaluate
 
     overrides = check_overrides(args.overrides)
     out_dir = check_output_dir(args.out or _default_out(args.preset, args.weights), "--out")
@@ -108,12 +109,20 @@ def _run(args: argparse.Namespace) -> int:
     _require_benchmark(args.preset, config.dataset)
     dataset = get_dataset(config.dataset, args.data_root)
     check_eval_files(dataset, args.num_samples)
+    from itaclip_core.segmentor import class_vocabulary
+
+    vocab = class_vocabulary(config.classes)
+    if vocab.num_classes != dataset.num_classes:
+        raise CliError(f"the class file {config.classes} has {vocab.num_classes} classes but {dataset.spec.title} "
+                       f"has {dataset.num_classes}; use the preset's own class file or one with "
+                       f"{dataset.num_classes} lines")  # fmt: skip
     _check_resumable(out_dir, {"preset": args.preset, "overrides": overrides, "dataset": dataset.name})
     resolve_device(args.device)
     context = init_distributed(args.device)
     try:
         segmentor = Segmentor.from_config(config, weights=args.weights, device=context.device, dtype=args.dtype,
-                                          progress=not args.no_progress)  # fmt: skip
+                                          progress=not args.no_progress,
+                                          notes=lambda message: note("itaclip eval", message))  # fmt: skip
         results = evaluate(segmentor, dataset, _options(args, out_dir, segmentor, overrides), context)
     finally:
         context.close()

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from itaclip_core.data.base import DatasetError, SegDataset
-from itaclip_core.errors import ConfigError
+from itaclip_core.errors import ConfigError, UserError
 from itaclip_core.evaluation.distributed import DistContext
 from itaclip_core.evaluation.records import (
     ImageRecord,
@@ -78,11 +78,16 @@ class _EvalItems(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> tuple[int, PreparedImage, np.ndarray]:
+    def __getitem__(self, position: int) -> tuple[int, PreparedImage | None, np.ndarray | str]:
+        """(index, prepared image, label); (index, None, message) when a file cannot be read, so that the main
+        process reports it cleanly (a worker's exception would carry the worker's traceback)."""
         index = self.indices[position]
         sample = self.dataset.samples[index]
-        prepared = prepare_image(sample.image_path, self.short_side, self.long_side, name=sample.name)
-        return index, prepared, self.dataset.load_label(index)
+        try:
+            prepared = prepare_image(sample.image_path, self.short_side, self.long_side, name=sample.name)
+            return index, prepared, self.dataset.load_label(index)
+        except UserError as error:
+            return index, None, str(error)
 
 
 def _single(batch: list) -> Any:
@@ -243,8 +248,14 @@ def evaluate(
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval {options.preset}", unit="img",
                disable=not (options.progress and context.is_main), dynamic_ncols=True)  # fmt: skip
     bar.set_postfix(mIoU=_running_miou(accumulator))
+    scored = len(mine) - len(todo)
     try:
         for index, prepared, gt in loader:
+            if prepared is None:
+                raise DatasetError(
+                    f"{gt}.\nThe {scored} images scored so far are kept; fix the "
+                    f"file (see `itaclip data check`) and run the same command again to continue"
+                )
             tick = time.perf_counter()
             labels = _labels_of(segmentor.predict_prepared(prepared), prepared.name)
             seconds = time.perf_counter() - tick
@@ -260,6 +271,7 @@ def evaluate(
             writer.write(ImageRecord(index, names[index], height, width, *(tuple(c.tolist()) for c in counts),
                                      seconds=seconds))  # fmt: skip
             accumulator.add(*counts)
+            scored += 1
             bar.update(1)
             bar.set_postfix(mIoU=_running_miou(accumulator))
     finally:
