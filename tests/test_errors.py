@@ -243,7 +243,7 @@ def test_the_table_covers_every_command() -> None:
     "arguments, phrase",
     [("segment {img} --classes cat --weights random-tiny --set stride=0 --out {out}", "--set stride=0"),
      ("segment {img} --classes cat --weights random-tiny --device cuda --out {out}", "--device cuda"),
-     ("eval --preset itaclip_voc21 --data-root {voc} --weights {dir}/x.pt --out {out}", "checkpoint not found")],
+     ("data check {dir}/none --dataset voc21", "not found")],
 )  # fmt: skip
 def test_real_stderr_has_no_traceback(arguments, phrase, world, tmp_path) -> None:
     out = tmp_path / "out"

@@ -101,7 +101,6 @@ def _run(args: argparse.Namespace) -> int:
         return _report(args, context, dataset, results, out_dir)
 
     from itaclip_core.presets import apply_overrides, get_preset
-    from itaclip_core.segmentor import Segmentor
     from itaclip_core.validation import resolve_device, validate_config
 
     # everything that can be checked without the model, before the weights load (or download)
@@ -109,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
     _require_benchmark(args.preset, config.dataset)
     dataset = get_dataset(config.dataset, args.data_root)
     check_eval_files(dataset, args.num_samples)
-    from itaclip_core.segmentor import class_vocabulary
+    from itaclip_core.segmentor import Segmentor, class_vocabulary
 
     vocab = class_vocabulary(config.classes)
     if vocab.num_classes != dataset.num_classes:

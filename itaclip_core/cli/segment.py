@@ -121,9 +121,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = check_overrides(args.overrides) + ([f"aux_file={args.aux}"] if args.aux is not None else [])
 
     from itaclip_core.presets import apply_overrides, get_preset
-    from itaclip_core.segmentor import Segmentor
     from itaclip_core.text.classes import parse_class_list
-    from itaclip_core.validation import user_classes_config
+    from itaclip_core.validation import user_classes_config, validate_config
 
     config = get_preset(preset)
     if classes is not None:
@@ -132,7 +131,10 @@ def run(args: argparse.Namespace) -> int:
         config, changed = user_classes_config(config)
         if changed:
             note(prog, changed + " (see `itaclip segment --help`)")
-    config = apply_overrides(config, overrides)
+    config = validate_config(apply_overrides(config, overrides))  # before torch is even imported
+
+    from itaclip_core.segmentor import Segmentor
+
     segmentor = Segmentor.from_config(
         config, weights=args.weights, device=args.device, classes=classes, dtype=args.dtype,
         progress=not args.no_progress, notes=lambda message: note(prog, message),
