@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from itaclip_core.errors import ConfigError, short
+from itaclip_core.errors import ConfigError, UserError, short
 from itaclip_core.inference.engine import DenseInference
 from itaclip_core.inference.preprocess import ImageInput, PreparedImage, prepare_image
 from itaclip_core.model.clip import CLIP
@@ -40,6 +40,10 @@ from itaclip_core.text.classifier import TextClassifier, build_classifier, check
 from itaclip_core.validation import check_against_model, find_text_file, user_classes_config, validate_config
 
 ClassesInput = str | Path | Sequence[str] | Sequence[Sequence[str]] | ClassVocabulary
+
+
+class NoClassesError(UserError, RuntimeError):
+    """A prediction was asked of a segmentor without classes."""
 
 
 @dataclass
@@ -286,7 +290,7 @@ class Segmentor:
     @property
     def class_names(self) -> list[str]:
         if self.classifier is None:
-            raise RuntimeError("no classes are set: call set_classes(...) first")
+            raise NoClassesError("no classes are set: give classes= to the Segmentor or call set_classes(...) first")
         return self.classifier.class_names
 
     @property
@@ -340,7 +344,7 @@ class Segmentor:
     def query_logits(self, prepared: PreparedImage) -> torch.Tensor:
         """Per-query similarities (Q, H0, W0) at the original size, after PAMR when enabled."""
         if self.classifier is None:
-            raise RuntimeError("no classes are set: call set_classes(...) first")
+            raise NoClassesError("no classes are set: give classes= to the Segmentor or call set_classes(...) first")
         image = prepared.tensor.to(self.model.device, torch.float32)
         logits = self.engine.logits(image, self.classifier.features, prepared.original_size)
         return self._refine(image, logits, prepared)
@@ -413,7 +417,7 @@ class Segmentor:
         """`predict_many` as a generator: each prediction is yielded as soon as its batch is done, and images are
         read only when their batch starts."""
         if self.classifier is None:
-            raise RuntimeError("no classes are set: call set_classes(...) first")
+            raise NoClassesError("no classes are set: give classes= to the Segmentor or call set_classes(...) first")
         batch_size = 4 if batch_size is None else batch_size
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} must be an integer of at least 1",

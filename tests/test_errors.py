@@ -170,6 +170,7 @@ CLI_ROWS = [
     ("eval-open-vocab", "eval --preset open_vocab --data-root {voc} --out {out}", 2, "not tied to a benchmark"),
     ("eval-missing-root", "eval --preset itaclip_voc21 --data-root {dir}/none --out {out}", 2,
      "dataset root not found"),
+    ("eval-root-is-file", "eval --preset itaclip_voc21 --data-root {file} --out {out}", 2, "--data-root"),
     ("eval-wrong-layout", "eval --preset itaclip_voc21 --data-root {dir} --out {out}", 2, "image folder"),
     ("eval-empty-split", "eval --preset itaclip_voc21 --data-root {voc_empty} --out {out}", 2, "lists no images"),
     ("eval-missing-split", "eval --preset itaclip_voc21 --data-root {voc_nosplit} --out {out}", 2,
