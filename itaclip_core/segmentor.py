@@ -168,9 +168,6 @@ def plan_classes(
     if not config.truncate_texts:
         check_prompt_lengths(vocab.queries + (aux_texts or []), templates, context_length)
     coef = config.aux_coef if aux_coef is None else aux_coef
-    if aux_texts is not None and coef == 0:
-        notes.append(f"aux_coef is 0, so the auxiliary texts of {aux_path} have no effect; give a weight such as "
-                     "aux_coef=0.1 (--set aux_coef=0.1)")  # fmt: skip
     return ClassPlan(config, vocab, background, aux_texts, coef, templates, tuple(notes))
 
 

@@ -132,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
         if changed:
             note(prog, changed + " (see `itaclip segment --help`)")
     config = validate_config(apply_overrides(config, overrides))  # before torch is even imported
+    if args.aux is not None and config.aux_coef == 0:
+        note(prog, f"aux_coef is 0, so the texts of --aux {args.aux} have no effect; give them a weight, "
+                   "e.g. --set aux_coef=0.1")  # fmt: skip
 
     from itaclip_core.segmentor import Segmentor
 
