@@ -148,7 +148,7 @@ def download_checkpoint(name: str, cache_dir: str | Path | None = None, progress
         except (urllib.error.URLError, OSError, TimeoutError) as error:
             reason = getattr(error, "reason", None) or error
             first = (f"could not download {key} from {entry.url} ({reason}).\n"
-                     f"Without network access, download {entry.filename} (sha256 {entry.sha256[:12]}...) elsewhere "
+                     f"Without network access, download {entry.filename} (sha256 {entry.sha256}) elsewhere "
                      f"and put it at {target}, or pass its path instead of the name")  # fmt: skip
             raise WeightsUnavailableError(
                 first + f" (weights='/path/to/{entry.filename}'), or weights='random-tiny' to try the pipeline.",
