@@ -294,6 +294,8 @@ API_ROWS = [
     ("weights-path", lambda w, s: load_clip(w["dir"] / "none.pt"), CheckpointError, "weights="),
     ("weights-offline", lambda w, s: load_clip("ViT-B/32", device="cpu"), UserError, "weights='random-tiny'"),
     ("folder-image", lambda w, s: s.predict(w["dir"]), ImageReadError, "is a folder"),
+    ("url-image", lambda w, s: s.predict("https://example.com/cat.jpg"), ImageReadError, "not URLs"),
+    ("no-classes", lambda w, s: _segmentor().predict(w["img"]), UserError, "no classes are set"),
     ("truncated-jpeg", lambda w, s: s.predict(w["broken_jpg"]), ImageReadError, "truncated or damaged"),
     ("tensor-shape", lambda w, s: s.predict(torch.zeros(5, 8, 8)), ImageReadError, "(3, H, W)"),
     ("batch-size", lambda w, s: s.predict_many([w["img"]], batch_size=0), ConfigError, "batch_size=0"),

@@ -46,6 +46,8 @@ class PreparedImage:
 
 def read_image_bgr(path: str | Path) -> np.ndarray:
     """Decode a file as OpenCV's `IMREAD_COLOR` does: (H, W, 3) uint8 BGR."""
+    if str(path).startswith(("http://", "https://")):
+        raise ImageReadError(f"{path}: images are read from files, not URLs; download it first")
     path = Path(path)
     if path.is_dir():
         raise ImageReadError(f"{path} is a folder, not an image file")
