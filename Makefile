@@ -37,7 +37,8 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/itaclip segment "$(DEMO_IMAGE)" --classes "$(DEMO_CLASSES)" --weights "$(WEIGHTS)" --out "$(DEMO_OUT)"
+	ITACLIP_FLAG_NAMES="--weights=WEIGHTS=;--classes=DEMO_CLASSES=;--out=DEMO_OUT=" \
+		$(BIN)/itaclip segment "$(DEMO_IMAGE)" --classes "$(DEMO_CLASSES)" --weights "$(WEIGHTS)" --out "$(DEMO_OUT)"
 	@echo "Overlay written to $(DEMO_OUT)/"
 
 test: install

@@ -16,9 +16,12 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-from itaclip_core.attention.dense import DenseConfig
+from itaclip_core.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from itaclip_core.attention.dense import DenseConfig
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,10 @@ class SegmentorConfig:
     text_batch_size: int | None = None  # prompts per forward pass of the text tower; None: 256 CPU, 1024 GPU
     truncate_texts: bool = False  # cut prompts longer than 77 tokens instead of refusing them
 
-    def dense_config(self) -> DenseConfig:
+    def dense_config(self) -> "DenseConfig":
         """The image tower's dense readout for these settings."""
+        from itaclip_core.attention.dense import DenseConfig  # torch is imported only when a model is built
+
         return DenseConfig(
             variant=self.attention,
             fuse_blocks=tuple(self.fuse_blocks),
@@ -70,8 +75,15 @@ class SegmentorConfig:
         """A copy with some fields changed (unknown field names raise)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(field_names())}")
+            raise ConfigError(f"unknown setting(s) {', '.join(sorted(unknown))}; known: {', '.join(field_names())}")
         return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "SegmentorConfig":
+        """Check every setting's range and the rules between settings (`itaclip_core.validation.validate_config`);
+        returns self, raises `ConfigError`."""
+        from itaclip_core.validation import validate_config
+
+        return validate_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,7 +146,7 @@ def get_preset(name: str) -> SegmentorConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}") from None
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}") from None
 
 
 def list_presets() -> list[str]:
@@ -171,7 +183,8 @@ def _parse_value(raw: str, key: str) -> Any:
             return tuple(int(v) for v in items) if item_type is int else tuple(items)
         return text
     except ValueError as error:
-        raise ValueError(f"--set {key}={raw}: cannot read {raw!r} for {key} ({error})") from None
+        raise ConfigError(f"{key}={raw}: cannot read {raw!r} for {key} ({error})",
+                          cli=f"--set {key}={raw}: cannot read {raw!r} for {key} ({error})") from None
 
 
 def apply_overrides(config: SegmentorConfig, overrides: Iterable[str] | dict[str, Any] | None) -> SegmentorConfig:
@@ -186,7 +199,8 @@ def apply_overrides(config: SegmentorConfig, overrides: Iterable[str] | dict[str
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or key not in names:
-            raise ValueError(f"--set {item!r}: expected key=value with key one of {', '.join(names)}")
+            raise ConfigError(f"override {item!r}: expected key=value with key one of {', '.join(names)}",
+                              cli=f"--set {item}: expected key=value with key one of {', '.join(names)}")
         changes[key] = _parse_value(value, key)
     return config.replace(**changes)
 

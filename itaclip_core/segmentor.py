@@ -7,15 +7,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from itaclip_core.errors import ConfigError, UserError, short
 from itaclip_core.inference.engine import DenseInference
 from itaclip_core.inference.preprocess import ImageInput, PreparedImage, prepare_image
 from itaclip_core.model.clip import CLIP
@@ -32,9 +36,14 @@ from itaclip_core.text.classes import (
     read_aux_file,
     read_class_file,
 )
-from itaclip_core.text.classifier import TextClassifier, build_classifier, load_templates
+from itaclip_core.text.classifier import TextClassifier, build_classifier, check_prompt_lengths, load_templates
+from itaclip_core.validation import check_against_model, find_text_file, user_classes_config, validate_config
 
 ClassesInput = str | Path | Sequence[str] | Sequence[Sequence[str]] | ClassVocabulary
+
+
+class NoClassesError(UserError, RuntimeError):
+    """A prediction was asked of a segmentor without classes."""
 
 
 @dataclass
@@ -42,9 +51,18 @@ class Prediction:
     """The segmentation of one image, at its original size."""
 
     labels: np.ndarray  # (H, W) int64 class ids
-    probs: np.ndarray  # (K, H, W) float32 class probabilities (softmax, variant max, area threshold)
-    class_names: list[str]  # K display names
+    probs: np.ndarray  # (K, H, W) float32 per-class scores: softmax over queries, max over a class's name variants
+    # (so with variants they need not sum to 1 over classes), area threshold applied
+    class_names: list[str]  # K display names (`background` for a background class)
     name: str = ""  # the image's name, when known
+
+    @property
+    def height(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.labels.shape[1])
 
     def areas(self) -> dict[str, float]:
         """Fraction of the image each class covers, for the classes present, largest first."""
@@ -53,24 +71,108 @@ class Prediction:
         order = np.argsort(-counts, kind="stable")
         return {self.class_names[i]: float(counts[i]) / total for i in order if counts[i] > 0}
 
+    def __repr__(self) -> str:
+        top = ", ".join(f"{name} {share:.0%}" for name, share in list(self.areas().items())[:3])
+        more = len(self.areas()) - 3
+        named = f"{self.name!r}, " if self.name else ""
+        return (f"Prediction({named}{self.height}x{self.width}, {len(self.class_names)} classes; "
+                f"{top}{f' +{more} more' if more > 0 else ''})")  # fmt: skip
+
 
 def resolve_text_path(path: str | Path, what: str) -> Path:
     """A path as given if it exists, else relative to the project's texts/ folder."""
-    candidate = Path(path).expanduser()
-    if candidate.is_file():
-        return candidate
-    shipped = texts_dir() / str(path)
-    if shipped.is_file():
-        return shipped
-    raise TextFileError(f"{what} {path!r} not found (neither as a path nor under {texts_dir()})")
+    found = find_text_file(path)
+    if found is not None:
+        return found
+    kind = "is a folder, not a file" if Path(path).expanduser().is_dir() else "not found"
+    raise TextFileError(f"{what} {str(path)!r} {kind} (looked for it as a path and under {texts_dir()})")
 
 
-def _vocabulary(classes: ClassesInput) -> ClassVocabulary:
+_FILE_NAME = re.compile(r"^[^,|\s]+\.[A-Za-z0-9]{1,5}$|[/\\]")
+
+
+def class_vocabulary(classes: ClassesInput) -> ClassVocabulary:
+    """The classes a class-name file, a `"cat, dog|puppy"` string or a list names (a string naming an existing
+    file is read as one; one that looks like a missing file name is an error)."""
     if isinstance(classes, ClassVocabulary):
         return classes
-    if isinstance(classes, Path) or (isinstance(classes, str) and Path(classes).suffix == ".txt"):
+    if isinstance(classes, Path):
         return read_class_file(resolve_text_path(classes, "class-name file"))
-    return parse_class_list(classes)
+    if isinstance(classes, str):
+        if find_text_file(classes) is not None:
+            return read_class_file(resolve_text_path(classes, "class-name file"))
+        if "," not in classes and "|" not in classes and _FILE_NAME.search(classes.strip()):
+            raise TextFileError(
+                f"classes={short(classes)!r} looks like a file name but no such file exists; give an existing "
+                f"class-name file, or a list such as [{short(classes)!r}] for one class of that name",
+                cli=f"--classes-file {short(classes)}: no such file",
+            )
+        return parse_class_list(classes)
+    if isinstance(classes, (list, tuple)):
+        return parse_class_list(classes)
+    raise TextFileError(
+        f"classes of type {type(classes).__name__} are not understood: give a class-name file, a string "
+        '"cat, dog|puppy", a list of names, or a list of name variants per class'
+    )
+
+
+@dataclass(frozen=True)
+class ClassPlan:
+    """Everything the text classifier of a class choice needs, read and checked before any model is loaded."""
+
+    config: SegmentorConfig  # the settings in effect (a benchmark preset's own-classes form when that applies)
+    vocab: ClassVocabulary
+    background: bool
+    aux_texts: list[str] | None
+    aux_coef: float
+    templates: list[str]
+    notes: tuple[str, ...] = ()  # what the caller should be told (changed settings, aux lines named differently)
+
+
+def plan_classes(
+    config: SegmentorConfig,
+    classes: ClassesInput | None = None,
+    aux_file: str | Path | None | bool = True,
+    aux_coef: float | None = None,
+    background: bool | None = None,
+    context_length: int = 77,
+) -> ClassPlan:
+    """Read and check a class choice, its auxiliary texts and the templates, without a model.
+
+    Classes other than a benchmark preset's own class file keep the preset's architecture but not its background
+    class, auxiliary file and thresholds (`user_classes_config`); the plan's notes say so.
+
+    Raises:
+        TextFileError, TokenizerError, ConfigError: naming the file, the class or the setting.
+    """
+    classes = config.classes if classes is None else classes
+    if classes is None:
+        raise TextFileError("no classes: give classes=... (a class-name file, \"cat, dog\" or a list)")
+    notes: list[str] = []
+    own = isinstance(classes, (str, Path)) and config.classes is not None and str(classes) == str(config.classes)
+    if not own and config.classes is not None and aux_file is True and background is None:
+        config, note = user_classes_config(config)
+        if note:
+            notes.append(note)
+    vocab = class_vocabulary(classes)
+    background = config.background if background is None else background
+    aux_path = config.aux_file if aux_file is True else (aux_file or None)
+    aux_texts = None
+    if aux_path is not None:
+        resolved = resolve_text_path(aux_path, "auxiliary-text file")
+        aux = read_aux_file(resolved)
+        for message in check_aux_matches(aux, vocab, background, str(resolved), strict_names=False):
+            notes.append(message + " (lines are matched to classes by position)")
+        aux_texts = [text for _, text in aux]
+    templates = load_templates(config.templates)
+    if not config.truncate_texts:
+        check_prompt_lengths(vocab.queries + (aux_texts or []), templates, context_length)
+    coef = config.aux_coef if aux_coef is None else aux_coef
+    return ClassPlan(config, vocab, background, aux_texts, coef, templates, tuple(notes))
+
+
+def _warn(note: str) -> None:
+    warnings.warn(note, UserWarning, stacklevel=3)
 
 
 class Segmentor:
@@ -80,21 +182,29 @@ class Segmentor:
         self,
         model: CLIP,
         config: SegmentorConfig | str = "open_vocab",
-        classes: ClassesInput | None = None,
+        classes: ClassesInput | ClassPlan | None = None,
         cache_dir: str | Path | None | bool = True,
         progress: bool = False,
+        notes: Callable[[str], None] | None = None,
     ) -> None:
         """
         Args:
             model: a CLIP from `load_clip` (its device and dtype are used).
             config: a `SegmentorConfig` or a preset name.
             classes: the classes (a class file, `"cat, dog"`, a list, or lists of variants); default: the config's
-                class file. Settable later with `set_classes`.
+                class file. Settable later with `set_classes`. Other classes than a benchmark preset's own keep
+                its architecture without its background class, auxiliary texts and thresholds (with a warning).
             cache_dir: where text embeddings are cached (True: the default cache; False/None: no cache).
-            progress: show progress bars while encoding texts.
+            progress: show progress bars while encoding texts and predicting several images.
+            notes: called with each note about changed settings (default: a `UserWarning`).
+
+        Raises:
+            ConfigError: a setting is out of range or does not fit the model (checked before texts are encoded).
         """
         self.model = model.eval()
-        self.config = get_preset(config) if isinstance(config, str) else config
+        self.config = validate_config(get_preset(config) if isinstance(config, str) else config)
+        check_against_model(self.config, model)
+        self.notes = notes or _warn
         self.cache_dir = default_cache_dir() if cache_dir is True else (cache_dir or None)
         self.progress = progress
         self.classifier: TextClassifier | None = None
@@ -121,11 +231,53 @@ class Segmentor:
         dtype: torch.dtype | str | None = None,
         cache_dir: str | Path | None | bool = True,
         progress: bool = False,
+        notes: Callable[[str], None] | None = None,
     ) -> "Segmentor":
-        """Load the weights and build a segmentor from a preset, with `key=value` overrides."""
-        config = apply_overrides(get_preset(preset), overrides)
+        """Load the weights and build a segmentor from a preset, with `key=value` overrides.
+
+        Everything that can be checked without the model (settings and their ranges, the device, the weights
+        argument, the class, auxiliary and template files, prompt lengths) is checked before the weights load.
+        With classes other than a benchmark preset's own, the preset's architecture is used without its background
+        class, auxiliary texts and thresholds, and `notes` (default: a warning) says so.
+        """
+        config = get_preset(preset)
+        if classes is not None:
+            config, note = user_classes_config(config)
+            if note:
+                (notes or _warn)(note)
+        config = apply_overrides(config, overrides)
+        return cls.from_config(config, weights=weights, device=device, classes=classes, dtype=dtype,
+                               cache_dir=cache_dir, progress=progress, notes=notes)  # fmt: skip
+
+    @classmethod
+    def from_config(
+        cls,
+        config: SegmentorConfig,
+        weights: str | Path = "ViT-B/16",
+        device: str | torch.device | None = None,
+        classes: ClassesInput | None = None,
+        dtype: torch.dtype | str | None = None,
+        cache_dir: str | Path | None | bool = True,
+        progress: bool = False,
+        notes: Callable[[str], None] | None = None,
+    ) -> "Segmentor":
+        """`from_preset` with a ready `SegmentorConfig`: checks first, then loads the weights and encodes texts."""
+        from itaclip_core.model.weights import check_weights_spec, resolve_device
+        from itaclip_core.validation import resolve_dtype
+
+        validate_config(config)
+        resolve_device(device)
+        resolve_dtype(dtype)
+        check_weights_spec(weights)
+        plan = None
+        if classes is not None or config.classes is not None:
+            plan = plan_classes(config, classes)
+            for note in plan.notes:
+                (notes or _warn)(note)
+            plan = dataclasses.replace(plan, notes=())
         model = load_clip(weights, device=device, dtype=dtype, progress=progress)
-        return cls(model, config, classes=classes, cache_dir=cache_dir, progress=progress)
+        return cls(model, plan.config if plan else config, classes=plan, cache_dir=cache_dir, progress=progress,
+                   notes=notes)  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------- classes
     @property
@@ -135,7 +287,7 @@ class Segmentor:
     @property
     def class_names(self) -> list[str]:
         if self.classifier is None:
-            raise RuntimeError("no classes are set: call set_classes(...) first")
+            raise NoClassesError("no classes are set: give classes= to the Segmentor or call set_classes(...) first")
         return self.classifier.class_names
 
     @property
@@ -144,7 +296,7 @@ class Segmentor:
 
     def set_classes(
         self,
-        classes: ClassesInput,
+        classes: ClassesInput | ClassPlan,
         aux_file: str | Path | None | bool = True,
         aux_coef: float | None = None,
         background: bool | None = None,
@@ -153,28 +305,27 @@ class Segmentor:
 
         Args:
             classes: a class-name file, a comma-separated string (`|` between variants), a list of names or lists
-                of variants.
+                of variants (or a `plan_classes` result). Other classes than a benchmark preset's own switch the
+                settings to the preset's architecture without its background class, auxiliary texts and
+                thresholds, with a note.
             aux_file: definitions/synonyms file; True: the config's; False/None: none.
             aux_coef: weight of the auxiliary texts (default: the config's).
             background: class 0 is background (default: the config's).
         """
-        vocab = _vocabulary(classes)
-        background = self.config.background if background is None else background
-        aux_path = self.config.aux_file if aux_file is True else (aux_file or None)
-        aux_texts = None
-        if aux_path is not None:
-            resolved = resolve_text_path(aux_path, "auxiliary-text file")
-            aux = read_aux_file(resolved)
-            for message in check_aux_matches(aux, vocab, background, str(resolved), strict_names=False):
-                warnings.warn(message + " (lines are matched to classes by position)", stacklevel=2)
-            aux_texts = [text for _, text in aux]
+        if isinstance(classes, ClassPlan):
+            plan = classes
+        else:
+            plan = plan_classes(self.config, classes, aux_file, aux_coef, background, self.model.context_length)
+        for note in plan.notes:
+            self.notes(note)
+        self.config = plan.config
         self.classifier = build_classifier(
             self.model,
-            vocab,
-            load_templates(self.config.templates),
-            aux_texts=aux_texts,
-            aux_coef=self.config.aux_coef if aux_coef is None else aux_coef,
-            background=background,
+            plan.vocab,
+            plan.templates,
+            aux_texts=plan.aux_texts,
+            aux_coef=plan.aux_coef,
+            background=plan.background,
             batch_size=self.config.text_batch_size,
             truncate=self.config.truncate_texts,
             cache_dir=self.cache_dir,
@@ -190,9 +341,13 @@ class Segmentor:
     def query_logits(self, prepared: PreparedImage) -> torch.Tensor:
         """Per-query similarities (Q, H0, W0) at the original size, after PAMR when enabled."""
         if self.classifier is None:
-            raise RuntimeError("no classes are set: call set_classes(...) first")
+            raise NoClassesError("no classes are set: give classes= to the Segmentor or call set_classes(...) first")
         image = prepared.tensor.to(self.model.device, torch.float32)
         logits = self.engine.logits(image, self.classifier.features, prepared.original_size)
+        return self._refine(image, logits, prepared)
+
+    def _refine(self, image: torch.Tensor, logits: torch.Tensor, prepared: PreparedImage) -> torch.Tensor:
+        """PAMR on the query logits at the original size, when enabled."""
         if self.config.pamr_steps > 0:
             guide = F.interpolate(image[None], size=prepared.original_size, mode="bilinear")  # (1, 3, H0, W0)
             logits = pamr(guide, logits[None], self.config.pamr_steps, self.config.pamr_dilations)[0]
@@ -201,7 +356,12 @@ class Segmentor:
     @torch.no_grad()
     def predict_prepared(self, prepared: PreparedImage) -> Prediction:
         """Segment an already prepared image."""
-        logits = self.query_logits(prepared)
+        return self._labels(self.query_logits(prepared), prepared)
+
+    def _finish(self, prepared: PreparedImage, image: torch.Tensor, logits: torch.Tensor) -> Prediction:
+        return self._labels(self._refine(image, logits, prepared), prepared)
+
+    def _labels(self, logits: torch.Tensor, prepared: PreparedImage) -> Prediction:
         result = postprocess(
             logits,
             self.classifier.query_to_class,
@@ -218,6 +378,63 @@ class Segmentor:
             name=prepared.name,
         )
 
-    def predict(self, image: ImageInput, name: str | None = None) -> Prediction:
-        """Segment an image given as a path, a PIL image or an RGB array."""
+    def predict(self, image: ImageInput | Sequence[ImageInput], name: str | None = None) -> Any:
+        """Segment an image given as a path, a PIL image, an RGB array or a torch tensor ((3, H, W) as
+        torchvision uses, uint8 or floats in [0, 1]). A list of images gives a list of predictions
+        (`predict_many`)."""
+        if isinstance(image, (list, tuple)):
+            return self.predict_many(image)
         return self.predict_prepared(self.prepare(image, name=name))
+
+    def predict_many(
+        self,
+        images: Sequence[ImageInput],
+        names: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+    ) -> list[Prediction]:
+        """Segment several images; the windows of `batch_size` images share the image tower's forward passes.
+
+        Args:
+            images: paths, PIL images, RGB arrays or torch tensors.
+            names: a name per image (default: the file names).
+            batch_size: images whose windows are batched together (default 4).
+            progress: show a progress bar (default: the segmentor's `progress`).
+        """
+        return list(self.iter_predictions(images, names, batch_size, progress, total=len(images)))
+
+    def iter_predictions(
+        self,
+        images: Iterable[ImageInput],
+        names: Iterable[str] | None = None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+        total: int | None = None,
+    ) -> Iterator[Prediction]:
+        """`predict_many` as a generator: each prediction is yielded as soon as its batch is done, and images are
+        read only when their batch starts."""
+        if self.classifier is None:
+            raise NoClassesError("no classes are set: give classes= to the Segmentor or call set_classes(...) first")
+        batch_size = 4 if batch_size is None else batch_size
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r} must be an integer of at least 1",
+                              cli=f"--batch-size {batch_size}: must be at least 1")  # fmt: skip
+        named = iter(names) if names is not None else None
+        show = self.progress if progress is None else progress
+        with tqdm(total=total, desc="images", unit="img", disable=not show) as bar:
+            batch: list[PreparedImage] = []
+            for image in images:
+                batch.append(self.prepare(image, name=next(named) if named is not None else None))
+                if len(batch) == batch_size:
+                    yield from self._predict_batch(batch, bar)
+                    batch = []
+            if batch:
+                yield from self._predict_batch(batch, bar)
+
+    @torch.no_grad()
+    def _predict_batch(self, batch: list[PreparedImage], bar: Any) -> Iterator[Prediction]:
+        tensors = [p.tensor.to(self.model.device, torch.float32) for p in batch]
+        all_logits = self.engine.logits_many(tensors, self.classifier.features, [p.original_size for p in batch])
+        for prepared, image, logits in zip(batch, tensors, all_logits):
+            yield self._finish(prepared, image, logits)
+            bar.update(1)

@@ -95,7 +95,7 @@ def test_plain_and_wrapped_state_dicts_in_fp16_and_fp32(tmp_path, wrapper):
 
 
 def test_missing_file_is_named():
-    with pytest.raises(CheckpointError, match="checkpoint not found: /no/such/file.pt"):
+    with pytest.raises(CheckpointError, match="weights=./no/such/file.pt.: checkpoint not found"):
         load_clip("/no/such/file.pt")
 
 

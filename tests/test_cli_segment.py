@@ -65,7 +65,7 @@ def test_preset_classes_and_overrides(images, tmp_path):
 @pytest.mark.parametrize(
     "arguments,message",
     [(["--classes", "cat, , dog"], "class 2 has an empty name"),
-     (["--classes", "cat", "--weights", "/missing/ViT.pt"], "checkpoint not found: /missing/ViT.pt"),
+     (["--classes", "cat", "--weights", "/missing/ViT.pt"], "--weights /missing/ViT.pt: checkpoint not found"),
      (["--classes", "cat", "--set", "stride=x"], "cannot read 'x' for stride"),
      ([], "give the classes")],
 )

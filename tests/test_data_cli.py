@@ -108,7 +108,7 @@ def _remove_label_dir(root: Path) -> Path:
 
 def _empty_split(root: Path) -> Path:
     (root / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").write_text("")
-    return root / "VOC2012" / "JPEGImages"
+    return root / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
 
 
 def _wrong_root(root: Path) -> Path:

@@ -110,7 +110,7 @@ def test_worker_processes_and_num_samples(city_root: Path, reference, tmp_path: 
 @pytest.mark.parametrize(
     "change, key",
     [({"preset": "fake_other"}, "preset"), ({"weights_id": "fake:other"}, "weights_id"),
-     ({"num_samples": 5}, "num_samples"), ({"overrides": ["shift=1"]}, "overrides")],
+     ({"overrides": ["shift=1"]}, "overrides")],
 )  # fmt: skip
 def test_resuming_with_other_settings_is_refused(city_root: Path, tmp_path: Path, change: dict, key: str) -> None:
     _run(city_root, tmp_path / "run", num_samples=2)
@@ -118,6 +118,18 @@ def test_resuming_with_other_settings_is_refused(city_root: Path, tmp_path: Path
     overrides = settings.pop("overrides", None)
     with pytest.raises(ResumeError, match=f"different settings.*{key}"):
         _run(city_root, tmp_path / "run", overrides=overrides, **settings)
+
+
+def test_a_num_samples_run_extends_to_more_images_reusing_its_records(city_root: Path, reference,
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    _run(city_root, tmp_path / "run", num_samples=3)
+    extended = _run(city_root, tmp_path / "run")
+    assert extended["num_images"] == NUM_IMAGES and extended["run"]["loaded_from_records"] == 3
+    assert extended["run"]["computed"] == NUM_IMAGES - 3
+    assert extended["counts"] == reference[0].results()["counts"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["num_samples"] is None
+    smaller = _run(city_root, tmp_path / "run", num_samples=2)  # a smaller subset is read from the same records
+    assert smaller["num_images"] == 2 and smaller["run"]["computed"] == 0
 
 
 def test_cli_refuses_other_settings_with_a_clear_message(

@@ -34,7 +34,7 @@ def test_probabilities_and_labels_match_the_published_pipeline(segmentor, golden
     assert prediction.probs.shape == golden_output["logits"].shape == (21, 300, 420)
     assert np.abs(prediction.probs - golden_output["logits"]).max() < 1e-4
     assert (prediction.labels == golden_output["pred"]).mean() >= 0.9999
-    assert prediction.class_names[0] == "sky" and len(prediction.class_names) == 21
+    assert prediction.class_names[0] == "background" and len(prediction.class_names) == 21  # not "sky"
 
 
 def test_the_straightforward_route_gives_the_same_numbers(segmentor, golden_dir, golden_output, tiny_clip,

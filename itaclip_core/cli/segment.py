@@ -1,53 +1,66 @@
 """`itaclip segment IMAGE... --classes "cat, dog, sky" --out DIR`: segment images with any classes.
 
 Per image it writes `<name>_labels.png` (paletted label map), `<name>_overlay.png` (overlay with a legend) and
-`<name>_areas.json` (pixel share of each class); with `--save-npz` also `<name>.npz` (probabilities, labels, class
-names). An image that cannot be read is reported and skipped; the others are still segmented.
+`<name>_areas.json` (image height and width, and each class's pixels and share); with `--save-npz` also
+`<name>.npz` (probabilities, labels, class names).
+
+Before the model is loaded: every image path exists, the output folder can be written, the settings and their
+ranges, the device, the weights argument, the class, auxiliary and template files and the prompt lengths are
+checked; a problem there is an error (status 2) and nothing is written. An image that then fails to decode is
+reported and skipped, the others are still segmented (status 1); each image's files are written as it finishes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any, Iterator
 
-import numpy as np
-from tqdm.auto import tqdm
-
-from itaclip_core.inference.preprocess import ImageReadError, read_image_bgr
-from itaclip_core.model.checkpoint import CheckpointError
-from itaclip_core.model.weights import ChecksumError, WeightsUnavailableError
-from itaclip_core.presets import list_presets
-from itaclip_core.text.classes import TextFileError
-from itaclip_core.text.tokenizer import TokenizerError
-
-USER_ERRORS = (CheckpointError, WeightsUnavailableError, ChecksumError, TextFileError, TokenizerError, ValueError)
+from itaclip_core.cli.common import (
+    CliError,
+    add_device_argument,
+    add_dtype_argument,
+    add_progress_argument,
+    add_set_argument,
+    add_weights_argument,
+    check_input_file,
+    check_input_files,
+    check_output_dir,
+    check_overrides,
+    positive_int,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from itaclip_core.presets import list_presets
+
     parser = subparsers.add_parser(
         "segment",
         help="segment images with any class names",
-        description="Segment images with arbitrary class names (or a benchmark preset's classes).",
+        description="Segment images with arbitrary class names (or a benchmark preset's classes). A benchmark "
+        "preset with your own classes keeps its architecture without its background class, definitions and "
+        "thresholds.",
     )
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--classes", help='comma-separated class names, variants joined by "|": "cat|kitten, dog, sky"')
     group.add_argument("--classes-file", type=Path, help="class-name file: one class per line, variants by ', '")
     parser.add_argument("--preset", default=None, choices=list_presets(), metavar="NAME",
-                        help=f"settings preset (default open_vocab with --classes); one of: {', '.join(list_presets())}")
+                        help="settings preset (default open_vocab with --classes); one of: "
+                        + ", ".join(list_presets()))  # fmt: skip
     parser.add_argument("--aux", default=None, help="definitions/synonyms file (`name >=text` per class)")
-    parser.add_argument("--weights", default="ViT-B/16", help="model name (ViT-B/16, ...), checkpoint path, "
-                        "or random-tiny (default: ViT-B/16)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="model precision (default: float16 on CUDA, float32 on CPU)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting of the preset (repeatable), e.g. --set stride=56")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    add_weights_argument(parser)
+    add_device_argument(parser)
+    add_dtype_argument(parser)
+    add_set_argument(parser)
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created when the first image is done)")
     parser.add_argument("--save-npz", action="store_true", help="also save probabilities and labels as .npz")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--batch-size", type=positive_int, default=4, metavar="N",
+                        help="images whose windows share the model's forward passes (default 4)")  # fmt: skip
+    add_progress_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -62,56 +75,126 @@ def _output_stems(images: list[Path]) -> list[str]:
     return stems
 
 
-def run(args: argparse.Namespace) -> int:
-    from itaclip_core.segmentor import Segmentor
-    from itaclip_core.vis import overlay, palette, save_label_png, save_rgb_png
+def _write_atomically(path: Path, write: Any) -> None:
+    """`write(temporary_path)`, then rename into `path`: a failure leaves no partial file."""
+    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
+
+def areas_record(prediction: Any, image: str, preset: str, weights: str) -> dict[str, Any]:
+    """The content of `<name>_areas.json`: the image, its height and width, and per class present its pixels and
+    share of the image."""
+    import numpy as np
+
+    counts = np.bincount(prediction.labels.ravel(), minlength=len(prediction.class_names))
+    return {
+        "image": image,
+        "height": prediction.height,
+        "width": prediction.width,
+        "preset": preset,
+        "weights": weights,
+        "classes": {name: {"pixels": int(counts[i]), "fraction": float(counts[i]) / prediction.labels.size}
+                    for i, name in enumerate(prediction.class_names) if counts[i] > 0},
+    }  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from itaclip_core.cli import note
+
+    prog = "itaclip segment"
     preset = args.preset or "open_vocab"
+    if args.classes is not None and not args.classes.strip(" ,|"):
+        raise CliError('--classes is empty; give class names such as --classes "cat, dog, sky"')
+    if args.classes_file is not None:
+        check_input_file(args.classes_file, "--classes-file", "class-name file")
     classes = args.classes if args.classes is not None else args.classes_file
     if classes is None and preset == "open_vocab":
-        print("itaclip segment: give the classes (--classes \"cat, dog, sky\" or --classes-file FILE) "
-              "or a benchmark --preset", file=sys.stderr)
-        return 2
-    overrides = list(args.overrides) + ([f"aux_file={args.aux}"] if args.aux is not None else [])
-    try:
-        segmentor = Segmentor.from_preset(
-            preset, weights=args.weights, device=args.device, overrides=overrides, classes=classes,
-            dtype=args.dtype, progress=not args.no_progress,
-        )
-    except USER_ERRORS as error:
-        print(f"itaclip segment: {error}", file=sys.stderr)
-        return 2
+        raise CliError('give the classes (--classes "cat, dog, sky" or --classes-file FILE) or a benchmark --preset')
+    if args.aux is not None:
+        check_input_file(args.aux, "--aux", "auxiliary-text file")
+    images = check_input_files(args.images, "image")
+    out = check_output_dir(args.out, "--out")
+    overrides = check_overrides(args.overrides) + ([f"aux_file={args.aux}"] if args.aux is not None else [])
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    from itaclip_core.presets import apply_overrides, get_preset
+    from itaclip_core.text.classes import parse_class_list
+    from itaclip_core.validation import user_classes_config, validate_config
+
+    config = get_preset(preset)
+    if classes is not None:
+        if isinstance(classes, str):
+            classes = parse_class_list(classes)  # a --classes text is never a file name
+        config, changed = user_classes_config(config)
+        if changed:
+            note(prog, changed + " (see `itaclip segment --help`)")
+    config = validate_config(apply_overrides(config, overrides))  # before torch is even imported
+    if args.aux is not None and config.aux_coef == 0:
+        note(prog, f"aux_coef is 0, so the texts of --aux {args.aux} have no effect; give them a weight, "
+                   "e.g. --set aux_coef=0.1")  # fmt: skip
+
+    from itaclip_core.segmentor import Segmentor
+
+    segmentor = Segmentor.from_config(
+        config, weights=args.weights, device=args.device, classes=classes, dtype=args.dtype,
+        progress=not args.no_progress, notes=lambda message: note(prog, message),
+    )  # fmt: skip
+    return _segment_all(segmentor, images, out, args, prog)
+
+
+def _segment_all(segmentor: Any, images: list[Path], out: Path, args: argparse.Namespace, prog: str) -> int:
+    import numpy as np
+
+    from itaclip_core.inference.preprocess import ImageReadError, read_image_bgr
+    from itaclip_core.vis import overlay, palette, save_label_png, save_rgb_png
+
     # Black (the VOC colour of index 0) is kept for a background class; other vocabularies start at a colour.
     colours = palette(segmentor.num_classes) if segmentor.config.background else palette(segmentor.num_classes + 1)[1:]
     failures: list[tuple[Path, str]] = []
-    for image_path, stem in tqdm(list(zip(args.images, _output_stems(args.images))), desc="images", unit="img",
-                                 disable=args.no_progress):
-        try:
-            bgr = read_image_bgr(image_path)
-        except ImageReadError as error:
-            failures.append((image_path, str(error)))
-            continue
-        prediction = segmentor.predict(bgr[:, :, ::-1].copy(), name=image_path.name)
-        save_label_png(args.out / f"{stem}_labels.png", prediction.labels, colours)
-        save_rgb_png(args.out / f"{stem}_overlay.png",
-                     overlay(bgr[:, :, ::-1], prediction.labels, prediction.class_names, colours))
-        counts = np.bincount(prediction.labels.ravel(), minlength=segmentor.num_classes)
-        areas = {
-            "image": str(image_path),
-            "size": list(prediction.labels.shape),
-            "preset": segmentor.config.name,
-            "weights": segmentor.weights_id,
-            "classes": {name: {"pixels": int(counts[i]), "fraction": float(counts[i]) / prediction.labels.size}
-                        for i, name in enumerate(prediction.class_names) if counts[i] > 0},
-        }
-        (args.out / f"{stem}_areas.json").write_text(json.dumps(areas, indent=2))
+    stems = dict(zip(images, _output_stems(images)))
+    decoded: dict[str, tuple[Path, np.ndarray]] = {}  # by key, the images read and not yet written
+    last_key: list[str] = []
+
+    def readable() -> Iterator[np.ndarray]:
+        for index, path in enumerate(images):
+            try:
+                rgb = read_image_bgr(path)[:, :, ::-1].copy()
+            except ImageReadError as error:
+                failures.append((path, str(error)))
+                continue
+            decoded[str(index)] = (path, rgb)
+            last_key[:] = [str(index)]
+            yield rgb
+
+    def names() -> Iterator[str]:  # read right after each image: the key of the image just read
+        while True:
+            yield last_key[0]
+
+    done = 0
+    predictions = segmentor.iter_predictions(readable(), names(), batch_size=args.batch_size,
+                                             progress=not args.no_progress, total=len(images))  # fmt: skip
+    for prediction in predictions:
+        path, rgb = decoded.pop(prediction.name)
+        stem = stems[path]
+        out.mkdir(parents=True, exist_ok=True)
+        prediction.name = path.name
+        _write_atomically(out / f"{stem}_labels.png", lambda p: save_label_png(p, prediction.labels, colours))
+        shown = overlay(rgb, prediction.labels, prediction.class_names, colours)
+        _write_atomically(out / f"{stem}_overlay.png", lambda p: save_rgb_png(p, shown))
+        record = areas_record(prediction, str(path), segmentor.config.name, segmentor.weights_id)
+        _write_atomically(out / f"{stem}_areas.json", lambda p: p.write_text(json.dumps(record, indent=2)))
         if args.save_npz:
-            np.savez_compressed(args.out / f"{stem}.npz", probs=prediction.probs, labels=prediction.labels,
-                                class_names=np.array(prediction.class_names))
-    done = len(args.images) - len(failures)
-    print(f"segmented {done} of {len(args.images)} image(s) into {args.out}")
+            _write_atomically(out / f"{stem}.npz", lambda p: np.savez_compressed(
+                p, probs=prediction.probs, labels=prediction.labels, class_names=np.array(prediction.class_names)))
+        done += 1
     for path, message in failures:
-        print(f"  skipped {path}: {message}", file=sys.stderr)
+        print(f"{prog}: skipped {path}: {message}", file=sys.stderr)
+    if done == 0:
+        print(f"{prog}: error: none of the {len(images)} image(s) could be read; nothing was written",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    print(f"segmented {done} of {len(images)} image(s) into {out}")
     return 1 if failures else 0

@@ -6,19 +6,25 @@ import argparse
 import sys
 from typing import Any
 
-from itaclip_core.text.classes import TextFileError, read_class_file
+from itaclip_core.cli.common import (
+    add_device_argument,
+    add_progress_argument,
+    check_input_file,
+    check_output_file,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
+from itaclip_core.text.classes import read_class_file
 from itaclip_core.text.generate import (
     KINDS,
     MAX_DEFINITION_WORDS,
     MAX_SYNONYMS,
-    GenerationError,
-    MissingLLMDependencyError,
     aux_class_names,
     check_aux_file,
     generate_aux_texts,
 )
-
-_INPUT_ERRORS = (TextFileError, GenerationError, MissingLLMDependencyError, ValueError)
 
 
 def register(subparsers: Any) -> None:
@@ -54,21 +60,21 @@ def register(subparsers: Any) -> None:
         "--background", action="store_true", help="the first class is background and gets no line"
     )
     generate.add_argument(
-        "--max-new-tokens", type=int, default=128, metavar="N", help="most tokens per answer (default 128)"
+        "--max-new-tokens", type=positive_int, default=128, metavar="N", help="most tokens per answer (default 128)"
     )
     generate.add_argument(
-        "--max-retries", type=int, default=3, metavar="N", help="sampled re-tries after an invalid answer (default 3)"
+        "--max-retries", type=non_negative_int, default=3, metavar="N",
+        help="sampled re-tries after an invalid answer (default 3)",
     )
     generate.add_argument("--sample", action="store_true", help="sample the first answers too (default: greedy)")
     generate.add_argument(
-        "--temperature", type=float, default=0.6, metavar="T", help="sampling temperature (default 0.6)"
+        "--temperature", type=positive_float, default=0.6, metavar="T", help="sampling temperature (default 0.6)"
     )
-    generate.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus-sampling mass (default 0.9)")
+    generate.add_argument("--top-p", type=probability, default=0.9, metavar="P",
+                          help="nucleus-sampling mass, in (0, 1] (default 0.9)")  # fmt: skip
     generate.add_argument("--seed", type=int, default=0, metavar="S", help="seed of every sampled answer (default 0)")
-    generate.add_argument(
-        "--device", default=None, metavar="D", help="torch device (default: cuda when available, else cpu)"
-    )
-    generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_device_argument(generate)
+    add_progress_argument(generate)
     generate.set_defaults(func=_run_generate)
 
     check = actions.add_parser(
@@ -88,44 +94,44 @@ def register(subparsers: Any) -> None:
 
 
 def _print_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
+    parser.print_help(sys.stderr)
     return 2
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     """Generate; status 0 when every class has its line, 1 when a class failed, 2 on bad input."""
-    try:
-        names = aux_class_names(read_class_file(args.classes), args.background)
-        report = generate_aux_texts(
-            names,
-            args.kind,
-            args.model,
-            args.out,
-            max_new_tokens=args.max_new_tokens,
-            max_retries=args.max_retries,
-            sample=args.sample,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-    except _INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    from itaclip_core.validation import resolve_device
+
+    check_input_file(args.classes, "--classes", "class-name file")
+    check_output_file(args.out, "--out")
+    names = aux_class_names(read_class_file(args.classes), args.background)
+    if args.device is not None:
+        resolve_device(args.device)
+    report = generate_aux_texts(
+        names,
+        args.kind,
+        args.model,
+        args.out,
+        max_new_tokens=args.max_new_tokens,
+        max_retries=args.max_retries,
+        sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     print(report.summary())
     return 0 if report.ok else 1
 
 
 def _run_check(args: argparse.Namespace) -> int:
     """Check; status 0 when the file is valid, 1 when it has problems, 2 on bad input."""
-    try:
-        vocab = read_class_file(args.classes)
-        problems = check_aux_file(args.aux, vocab, background=args.background, kind=args.kind)
-        count = len(aux_class_names(vocab, args.background))
-    except _INPUT_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    check_input_file(args.classes, "--classes", "class-name file")
+    check_input_file(args.aux, "--aux", "auxiliary-text file")
+    vocab = read_class_file(args.classes)
+    problems = check_aux_file(args.aux, vocab, background=args.background, kind=args.kind)
+    count = len(aux_class_names(vocab, args.background))
     if problems:
         for problem in problems:
             print(f"{args.aux}: {problem}")

@@ -22,10 +22,12 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from itaclip_core.errors import UserError
+
 IGNORE_INDEX = 255
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset folder is missing, incomplete or malformed."""
 
 
@@ -120,8 +122,11 @@ def read_split_file(path: Path) -> list[str]:
 
 def resolve_base(spec: DatasetSpec, root: Path) -> Path:
     """The folder holding `spec.image_dir`: `root/base_dir`, or `root` itself when it is that folder."""
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"dataset root {root} is a file; give the folder holding {spec.title}",
+                           cli=f"--data-root {root} is a file; give the folder holding {spec.title}")
     if not root.is_dir():
-        raise DatasetError(f"dataset root not found: {root}")
+        raise DatasetError(f"dataset root not found: {root}", cli=f"--data-root {root}: dataset root not found")
     candidates = [root / spec.base_dir, root] if spec.base_dir else [root]
     for base in candidates:
         if (base / spec.image_dir).is_dir():

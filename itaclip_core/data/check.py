@@ -26,7 +26,8 @@ ADVICE = {
     "missing_image_dir": "the root must hold the benchmark's image folder in MMSegmentation's layout",
     "missing_label_dir": "unpack the annotations next to the images in MMSegmentation's layout",
     "missing_split": "restore the split file; the evaluation list and its order are read from it",
-    "empty": "the image folder holds no images with the expected suffix",
+    "empty": "nothing to evaluate: the split file lists no images, or the image folder holds none with the "
+             "expected suffix",
     "missing_image": "the split file lists an image that is not in the image folder",
     "missing_label": "an image has no label map",
     "orphan_label": "a label map has no image",
@@ -131,6 +132,8 @@ def check_dataset(
         if not split_path.is_file():
             return problems + [Problem("missing_split", split_path, "split file not found")]
         names = read_split_file(split_path)
+        if not names:
+            return problems + [Problem("empty", split_path, "the split file lists no images (it is empty)")]
         present = set(scanned)
         for missing in (n for n in names if n not in present):
             problems.append(Problem("missing_image", image_dir / (missing + spec.image_suffix), "listed in the "

@@ -93,7 +93,9 @@ def init_distributed(device: str | None = None) -> DistContext:
         return DistContext(device=device)
     wants_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
     if wants_cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+        from itaclip_core.errors import DeviceError
+
+        raise DeviceError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
     backend = "nccl" if wants_cuda else "gloo"
     if wants_cuda:
         torch.cuda.set_device(local_rank)

@@ -25,13 +25,17 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from itaclip_core.errors import UserError
+
 MANIFEST_NAME = "run.json"
 RECORDS_DIR = "records"
-# Settings that must match for a run to continue an earlier one.
-MANIFEST_KEYS = ("preset", "overrides", "weights_id", "dataset", "num_samples", "num_images", "num_classes")
+# Settings that must match for a run to continue an earlier one. The number of images may change: a run on
+# `--num-samples N` continues into a larger N or the full set (its per-image records are the same).
+MANIFEST_KEYS = ("preset", "overrides", "weights_id", "dataset", "num_classes")
+EXTENT_KEYS = ("num_samples", "num_images")
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """An output directory holds results of a run with different settings, or of a different image list."""
 
 
@@ -162,6 +166,8 @@ def check_or_write_manifest(out_dir: Path, manifest: dict[str, Any]) -> bool:
                 + "; ".join(differences)
                 + "). Continue it with the same arguments, or give another --out directory (or delete this one)."
             )
+        if any(previous.get(key) != manifest.get(key) for key in EXTENT_KEYS):
+            atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return True
     atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return False
@@ -242,9 +248,9 @@ def read_records(out_dir: Path, num_classes: int, names: Sequence[str]) -> dict[
     for path in sorted(folder.glob("rank*.jsonl")):
         for line in _lines(path):
             record = ImageRecord.from_json(line, num_classes)
-            if record is None or record.index in records:
-                continue
-            if not 0 <= record.index < len(names) or names[record.index] != record.name:
+            if record is None or record.index in records or record.index >= len(names):
+                continue  # torn, repeated, or beyond this run's --num-samples (kept for a larger run)
+            if record.index < 0 or names[record.index] != record.name:
                 expected = names[record.index] if 0 <= record.index < len(names) else "nothing"
                 raise ResumeError(
                     f"{path} has a record of image {record.name!r} at index {record.index}, where this evaluation "

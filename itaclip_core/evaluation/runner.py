@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from itaclip_core.data.base import SegDataset
+from itaclip_core.data.base import DatasetError, SegDataset
+from itaclip_core.errors import ConfigError, UserError
 from itaclip_core.evaluation.distributed import DistContext
 from itaclip_core.evaluation.records import (
     ImageRecord,
@@ -79,11 +80,16 @@ class _EvalItems(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> tuple[int, PreparedImage, np.ndarray]:
+    def __getitem__(self, position: int) -> tuple[int, PreparedImage | None, np.ndarray | str]:
+        """(index, prepared image, label); (index, None, message) when a file cannot be read, so that the main
+        process reports it cleanly (a worker's exception would carry the worker's traceback)."""
         index = self.indices[position]
         sample = self.dataset.samples[index]
-        prepared = prepare_image(sample.image_path, self.short_side, self.long_side, name=sample.name)
-        return index, prepared, self.dataset.load_label(index)
+        try:
+            prepared = prepare_image(sample.image_path, self.short_side, self.long_side, name=sample.name)
+            return index, prepared, self.dataset.load_label(index)
+        except UserError as error:
+            return index, None, str(error)
 
 
 def _single(batch: list) -> Any:
@@ -130,6 +136,42 @@ def _running_miou(accumulator: IoUAccumulator) -> str:
     return "nan" if math.isnan(value) else f"{value:.2f}"
 
 
+def check_eval_files(dataset: SegDataset, num_samples: int | None = None) -> int:
+    """Check, before any work, that there are images to evaluate and that each has its image and label file.
+
+    Args:
+        dataset: the benchmark.
+        num_samples: only the first N images are evaluated (None: all).
+
+    Returns:
+        The number of images to evaluate.
+
+    Raises:
+        DatasetError: the list is empty (naming the split file or image folder), or files are missing (the first
+            few named, with the `itaclip data check` command that lists them all).
+    """
+    if num_samples is not None and num_samples < 1:
+        raise DatasetError(f"num_samples={num_samples}: must be at least 1 (or None for every image)",
+                           cli=f"--num-samples {num_samples}: must be at least 1")  # fmt: skip
+    total = len(dataset) if num_samples is None else min(num_samples, len(dataset))
+    source = (f"the split file {dataset.split_path} lists no images" if dataset.split_path is not None
+              else f"the image folder {dataset.image_dir} holds no '*{dataset.spec.image_suffix}' images")  # fmt: skip
+    if total == 0:
+        raise DatasetError(f"{dataset.spec.title} at {dataset.root}: {source}; nothing to evaluate")
+    missing = []
+    for sample in dataset.samples[:total]:
+        for path, what in ((sample.image_path, "image"), (sample.label_path, "label map")):
+            if not path.is_file():
+                missing.append(f"{what} {path}")
+    if missing:
+        shown = "; ".join(missing[:2]) + (f"; and {len(missing) - 2} more" if len(missing) > 2 else "")
+        raise DatasetError(
+            f"{dataset.spec.title}: {len(missing)} file(s) of the {total} images to evaluate are missing: {shown}.\n"
+            f"List every problem with: itaclip data check {dataset.root} --dataset {dataset.name}"
+        )
+    return total
+
+
 def evaluate(
     segmentor: SegmentorLike, dataset: SegDataset, options: EvalOptions, context: DistContext | None = None
 ) -> dict[str, Any]:
@@ -156,11 +198,11 @@ def evaluate(
     out_dir = Path(options.out_dir)
     num_classes = dataset.num_classes
     if len(segmentor.class_names) != num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"the segmentor has {len(segmentor.class_names)} classes but {dataset.spec.title} has {num_classes}; "
-            f"use a preset made for {dataset.name}"
+            f"use a preset made for {dataset.name} (and its own class file)"
         )
-    total = len(dataset) if options.num_samples is None else min(options.num_samples, len(dataset))
+    total = check_eval_files(dataset, options.num_samples)
     names = [sample.name for sample in dataset.samples[:total]]
     manifest = {
         "preset": options.preset,
@@ -208,13 +250,19 @@ def evaluate(
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval {options.label or options.preset}", unit="img",
                disable=not (options.progress and context.is_main), dynamic_ncols=True)  # fmt: skip
     bar.set_postfix(mIoU=_running_miou(accumulator))
+    scored = len(mine) - len(todo)
     try:
         for index, prepared, gt in loader:
+            if prepared is None:
+                raise DatasetError(
+                    f"{gt}.\nThe {scored} images scored so far are kept; fix the "
+                    f"file (see `itaclip data check`) and run the same command again to continue"
+                )
             tick = time.perf_counter()
             labels = _labels_of(segmentor.predict_prepared(prepared), prepared.name)
             seconds = time.perf_counter() - tick
             if labels.shape != gt.shape:
-                raise ValueError(
+                raise DatasetError(
                     f"{prepared.name}: prediction is {labels.shape} but the label map is {gt.shape}; predictions "
                     "must be at the original image size (and labels must match their images: run "
                     "`itaclip data check`)"
@@ -226,6 +274,7 @@ def evaluate(
             writer.write(ImageRecord(index, names[index], height, width, *(tuple(c.tolist()) for c in counts),
                                      seconds=seconds, confusion=confusion))  # fmt: skip
             accumulator.add(*counts)
+            scored += 1
             bar.update(1)
             bar.set_postfix(mIoU=_running_miou(accumulator))
     finally:

@@ -21,6 +21,7 @@ from itaclip_core.resources import texts_dir
 from itaclip_core.segmentor import Segmentor
 from itaclip_core.text.classes import aux_name_matches, parse_class_list, read_aux_file
 from itaclip_core.text.classifier import TextClassifier, build_classifier, load_templates
+from itaclip_core.errors import UserError
 from itaclip_core.explore.runs import project_root, resolve_path
 
 
@@ -44,7 +45,13 @@ def load_model(model: str, weights: str | Path | None = None, device: str | None
     spec: str | Path = model
     if weights not in (None, ""):
         spec = weights if is_random_spec(str(weights)) else resolve_path(weights, what="WEIGHTS")
-    return load_clip(spec, device=device, dtype=dtype, progress=True)
+    try:
+        return load_clip(spec, device=device, dtype=dtype, progress=True)
+    except UserError as error:  # name the notebook's parameter, not load_clip's
+        parameter = "WEIGHTS" if weights not in (None, "") else "MODEL"
+        message = str(error).replace(f"weights={str(spec)!r}", f"{parameter}={str(spec)!r}")
+        message = message.replace("device=", "DEVICE=").replace("dtype=", "DTYPE=").replace("weights=", "MODEL=")
+        raise UserError(message) from None
 
 
 def override_list(overrides: str | Sequence[str] | None) -> list[str]:

@@ -93,3 +93,35 @@ class DenseInference:
             raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
         patch_logits, windows = self.patch_logits(image, text_features)
         return stitch(patch_logits, windows, tuple(image.shape[-2:]), original_size)
+
+    @torch.no_grad()
+    def logits_many(
+        self, images: list[torch.Tensor], text_features: torch.Tensor, original_sizes: list[tuple[int, int]]
+    ) -> list[torch.Tensor]:
+        """`logits` of several images at once: the windows of all of them share the image tower's batches.
+
+        Images whose windows have the same size (the usual case: every side at least `crop`) are batched together;
+        the result of each image is the same as `logits` gives for it alone (up to float rounding of batched
+        matrix products).
+        """
+        for image in images:
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+        windows = [self.windows(*image.shape[-2:]) for image in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image_windows in enumerate(windows):
+            first = image_windows[0]
+            groups.setdefault((first.y2 - first.y1, first.x2 - first.x1), []).append(index)
+        results: list[torch.Tensor | None] = [None] * len(images)
+        text = text_features.to(torch.float32)
+        for members in groups.values():
+            crops = torch.cat([torch.stack([images[i][:, w.y1 : w.y2, w.x1 : w.x2] for w in windows[i]])
+                               for i in members])  # fmt: skip
+            features = self.window_features(crops)  # (sum of windows, rows, cols, D)
+            start = 0
+            for i in members:
+                count = len(windows[i])
+                patch = (features[start : start + count] @ text.to(features.device).T).permute(0, 3, 1, 2)
+                results[i] = stitch(patch, windows[i], tuple(images[i].shape[-2:]), original_sizes[i])
+                start += count
+        return [r for r in results if r is not None]

@@ -18,14 +18,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from itaclip_core.errors import UserError
+
 # CLIP's normalisation constants, times 255, in RGB order.
 CLIP_MEAN_255 = (122.771, 116.746, 104.094)
 CLIP_STD_255 = (68.501, 66.632, 70.323)
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
+ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
+
+# Leading bytes of image formats, to tell a damaged file from one that is not an image at all.
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG": "PNG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+               b"GIF8": "GIF", b"RIFF": "WebP"}  # fmt: skip
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError, ValueError):
     """An image could not be read or has an unsupported layout."""
 
 
@@ -40,13 +46,26 @@ class PreparedImage:
 
 def read_image_bgr(path: str | Path) -> np.ndarray:
     """Decode a file as OpenCV's `IMREAD_COLOR` does: (H, W, 3) uint8 BGR."""
+    if str(path).startswith(("http://", "https://")):
+        raise ImageReadError(f"{path}: images are read from files, not URLs; download it first")
     path = Path(path)
+    if path.is_dir():
+        raise ImageReadError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise ImageReadError(f"image file not found: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as error:
+        raise ImageReadError(f"cannot read {path} ({error.strerror})") from None
+    if not data.size:
+        raise ImageReadError(f"{path} is empty (0 bytes)")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
-        raise ImageReadError(f"could not decode {path} as an image (is it a PNG/JPEG/BMP/TIFF file?)")
+        head = data[:4].tobytes()
+        kind = next((name for magic, name in _SIGNATURES.items() if head.startswith(magic)), None)
+        if kind is not None:
+            raise ImageReadError(f"{path} is a {kind} file that does not decode: it is truncated or damaged")
+        raise ImageReadError(f"{path} is not an image OpenCV can read (PNG, JPEG, BMP, TIFF, WebP ...)")
     return image
 
 
@@ -58,6 +77,8 @@ def to_bgr_uint8(image: ImageInput) -> np.ndarray:
     """
     if isinstance(image, (str, Path)):
         return read_image_bgr(image)
+    if isinstance(image, torch.Tensor):
+        return to_bgr_uint8(_tensor_to_hwc(image))
     if isinstance(image, Image.Image):
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             array = np.asarray(image).astype(np.float64) / 256.0
@@ -67,7 +88,8 @@ def to_bgr_uint8(image: ImageInput) -> np.ndarray:
         return to_bgr_uint8(array)
     if not isinstance(image, np.ndarray):
         raise ImageReadError(
-            f"unsupported image input of type {type(image).__name__}: pass a file path, a PIL image or a numpy array"
+            f"unsupported image input of type {type(image).__name__}: pass a file path, a PIL image, a numpy array "
+            "or a torch tensor"
         )
     array = image
     if array.ndim == 3 and array.shape[2] == 1:
@@ -90,6 +112,26 @@ def to_bgr_uint8(image: ImageInput) -> np.ndarray:
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise ImageReadError(f"image array has an empty side: shape {image.shape}")
     return np.ascontiguousarray(array[:, :, ::-1])
+
+
+def _tensor_to_hwc(tensor: torch.Tensor) -> np.ndarray:
+    """A torch image as a numpy array in (H, W[, C]) layout: (C, H, W) with C in 1, 3, 4 (torchvision's layout,
+    a leading batch of one allowed), or (H, W)."""
+    array = tensor.detach().cpu()
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim == 3:
+        if array.shape[0] not in (1, 3, 4):
+            raise ImageReadError(
+                f"image tensor has shape {tuple(tensor.shape)}: expected (3, H, W), (1, H, W) or (H, W) "
+                "(channels first, as torchvision uses)"
+            )
+        array = array.permute(1, 2, 0)
+    elif array.ndim != 2:
+        raise ImageReadError(f"image tensor has shape {tuple(tensor.shape)}: expected (3, H, W), (1, H, W) or (H, W)")
+    if array.dtype in (torch.float16, torch.bfloat16):
+        array = array.float()
+    return array.numpy()
 
 
 def rescale_size(height: int, width: int, short_side: int, long_side: int = 2048) -> tuple[int, int]:
@@ -128,5 +170,7 @@ def prepare_image(image: ImageInput, short_side: int, long_side: int = 2048, nam
     bgr = to_bgr_uint8(image)
     if name is None:
         name = Path(image).name if isinstance(image, (str, Path)) else ""
+    if short_side < 1 or long_side < 1:
+        raise ValueError(f"short_side and long_side must be positive, got {short_side} and {long_side}")
     resized = protocol_resize(bgr, short_side, long_side)
     return PreparedImage(tensor=normalise_bgr(resized), original_size=(bgr.shape[0], bgr.shape[1]), name=name)

@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from itaclip_core.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError, ValueError):
     """A file is missing, is not a checkpoint, is damaged, or holds another architecture."""
 
 

@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 
 from itaclip_core.model.checkpoint import META_KEYS, CheckpointError, read_state_dict
 from itaclip_core.model.clip import CLIP, CLIPConfig, cast_like_openai
+from itaclip_core.errors import UserError
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """The weights cannot be obtained (no network, server error) and are not in the cache."""
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(UserError, RuntimeError):
     """A downloaded file does not have the expected sha256, twice in a row."""
 
 
@@ -129,7 +130,7 @@ def download_checkpoint(name: str, cache_dir: str | Path | None = None, progress
     """The verified local file of an official checkpoint, downloading it into the cache when needed."""
     key = canonical_name(name)
     if key is None:
-        raise ValueError(f"unknown model name {name!r}; known: {', '.join(REGISTRY)}")
+        raise CheckpointError(f"unknown model name {name!r}; known: {', '.join(REGISTRY)}")
     entry = REGISTRY[key]
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
@@ -145,11 +146,14 @@ def download_checkpoint(name: str, cache_dir: str | Path | None = None, progress
                 _is_verified(target, entry.sha256)
                 return target
         except (urllib.error.URLError, OSError, TimeoutError) as error:
+            reason = getattr(error, "reason", None) or error
+            first = (f"could not download {key} from {entry.url} ({reason}).\n"
+                     f"Without network access, download {entry.filename} (sha256 {entry.sha256}) elsewhere "
+                     f"and put it at {target}, or pass its path instead of the name")  # fmt: skip
             raise WeightsUnavailableError(
-                f"could not download {key} from {entry.url} ({error}).\n"
-                f"Without network access, download {entry.filename} (sha256 {entry.sha256}) elsewhere and put it "
-                f"at {target}, or pass its path instead of the name (e.g. --weights /path/to/{entry.filename})."
-            ) from error
+                first + f" (weights='/path/to/{entry.filename}'), or weights='random-tiny' to try the pipeline.",
+                cli=first + f" (--weights /path/to/{entry.filename}), or --weights random-tiny to try the pipeline.",
+            ) from None
     raise ChecksumError(
         f"the download of {key} from {entry.url} did not have sha256 {entry.sha256}, twice; nothing was kept in "
         f"{cache}. Check the network (a proxy may alter files) or place a verified {entry.filename} there."
@@ -231,9 +235,45 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The device `device` names, checked to be usable (see `itaclip_core.validation.resolve_device`)."""
+    from itaclip_core.validation import resolve_device as checked_device
+
+    return checked_device(device)
+
+
+WEIGHTS_HELP = (f"a model name ({', '.join(REGISTRY)}; downloaded once into the verified cache), a checkpoint "
+                "file (TorchScript or OpenAI-layout state dict), or random-tiny / random-vit-b-16 (optionally :SEED) "
+                "for a random test model")  # fmt: skip
+
+
+def check_weights_spec(spec: str | Path) -> None:
+    """Refuse a weights argument that can be seen to be wrong without loading anything (a missing file, a folder,
+    an unknown random model).
+
+    Raises:
+        CheckpointError: naming the argument, in Python's (`weights=`) and the CLI's (`--weights`) terms.
+    """
+    from itaclip_core.model.random import RANDOM_SIZES, is_random_spec
+
+    text = str(spec)
+    if is_random_spec(text):
+        size = text.split(":")[0][len("random-"):]
+        if size not in RANDOM_SIZES:
+            known = ", ".join(f"random-{s}" for s in RANDOM_SIZES)
+            raise CheckpointError(f"weights={text!r}: unknown random model; use one of {known} (optionally :SEED)",
+                                  cli=f"--weights {text}: unknown random model; use one of {known} (optionally :SEED)")
+        return
+    if canonical_name(text) is not None:
+        return
+    path = Path(text).expanduser()
+    if path.is_dir():
+        problem = ": is a folder; give the checkpoint file inside it"
+    elif not path.exists():
+        problem = ": checkpoint not found (no such file, and not a known model name)"
+    else:
+        return
+    raise CheckpointError(f"weights={text!r}{problem}.\nAccepted: {WEIGHTS_HELP}",
+                          cli=f"--weights {text}{problem}.\nAccepted: {WEIGHTS_HELP}")
 
 
 def load_clip(
@@ -254,12 +294,12 @@ def load_clip(
     """
     from itaclip_core.model.random import is_random_spec, random_clip_from_spec
 
+    from itaclip_core.validation import resolve_dtype
+
     torch_device = resolve_device(device)
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
-    dtype = dtype or default_dtype(torch_device)
+    dtype = resolve_dtype(dtype) or default_dtype(torch_device)
     spec = str(name_or_path)
+    check_weights_spec(spec)
     if is_random_spec(spec):
         model = random_clip_from_spec(spec, dtype=dtype)
     elif canonical_name(spec) is not None:
@@ -268,11 +308,6 @@ def load_clip(
         model.weights_id = f"{canonical_name(spec)} sha256:{REGISTRY[canonical_name(spec)].sha256}"
     else:
         path = Path(spec).expanduser()
-        if not path.exists():
-            raise CheckpointError(
-                f"checkpoint not found: {path}. Pass an existing file, or one of the model names "
-                f"{', '.join(REGISTRY)} (downloaded and cached), or random-tiny for a random test model"
-            )
         model = build_clip(read_state_dict(path), str(path), dtype)
         model.weights_id = f"{path.name} sha256:{file_sha256(path)}"
     return model.to(torch_device)

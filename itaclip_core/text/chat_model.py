@@ -9,14 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from itaclip_core.errors import UserError
+
 LLM_INSTALL_HINT = "pip install itaclip-core[llm]"
 
 
-class GenerationError(RuntimeError):
+class GenerationError(UserError, RuntimeError):
     """The chat model could not be loaded or run."""
 
 
-class MissingLLMDependencyError(ImportError):
+class MissingLLMDependencyError(UserError, ImportError):
     """transformers, needed to run a chat model, is not installed."""
 
 

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from itaclip_core.errors import UserError
 
-class TextFileError(ValueError):
+
+class TextFileError(UserError, ValueError):
     """A class-name or auxiliary-text file (or list) is malformed."""
 
 
@@ -49,6 +51,27 @@ class ClassVocabulary:
         return sum(len(v) for v in self.variants)
 
 
+def _read_lines(path: Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file (a leading byte-order mark dropped), with errors that say what is wrong."""
+    if path.is_dir():
+        raise TextFileError(f"{what} {path} is a folder; give the file")
+    if not path.is_file():
+        raise TextFileError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise TextFileError(f"{what} {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise TextFileError(f"{what} {path} cannot be read ({error.strerror})") from None
+
+
+def display_names(vocab: ClassVocabulary, background: bool) -> list[str]:
+    """The name shown for each class: its first variant, and `background` for class 0 of a vocabulary with a
+    background class (whose file line lists what background looks like, e.g. `sky, wall, tree, ...`)."""
+    names = vocab.class_names
+    return ["background"] + names[1:] if background and names else names
+
+
 def _check_vocabulary(variants: list[list[str]], source: str, unique: bool) -> ClassVocabulary:
     if not variants:
         raise TextFileError(f"{source}: the class list is empty; give at least one class name")
@@ -72,9 +95,7 @@ def _check_vocabulary(variants: list[list[str]], source: str, unique: bool) -> C
 def read_class_file(path: str | Path) -> ClassVocabulary:
     """Parse a class-name file exactly as the published code does (`line.split(', ')`)."""
     path = Path(path)
-    if not path.is_file():
-        raise TextFileError(f"class-name file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_lines(path, "class-name file")
     while lines and not lines[-1].strip():
         lines.pop()
     # Names are stripped (the Context60 files end with "wood "); the tokenizer strips whitespace anyway, so the
@@ -112,10 +133,8 @@ def parse_class_list(classes: str | Sequence[str] | Sequence[Sequence[str]]) -> 
 def read_aux_file(path: str | Path) -> list[tuple[str, str]]:
     """Parse an auxiliary-text file: a `(name, text)` pair per line (`name >=text`)."""
     path = Path(path)
-    if not path.is_file():
-        raise TextFileError(f"auxiliary-text file not found: {path}")
     entries = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_lines(path, "auxiliary-text file")
     while lines and not lines[-1].strip():
         lines.pop()
     for number, line in enumerate(lines, start=1):
@@ -196,9 +215,17 @@ def check_aux_matches(
             f"{'non-background ' if background else ''}classes; write one line per class, in class order"
         )
     warnings: list[str] = []
+    offset = 1 if background else 0
     for number, ((name, _), want) in enumerate(zip(aux, expected), start=1):
-        variants = vocab.variants[number if background else number - 1]
+        variants = vocab.variants[number - 1 + offset]
         if not aux_name_matches(name, variants):
+            other = next((c for c in range(offset, vocab.num_classes) if aux_name_matches(name, vocab.variants[c])),
+                         None)
+            if other is not None:
+                raise TextFileError(
+                    f"{source}, line {number}: names {name!r}, which is class {other + 1 - offset}, but line "
+                    f"{number} belongs to class {number} {want!r}; write the lines in class order"
+                )
             message = f"{source}, line {number}: names {name!r} but class {number} is {want!r}"
             if strict_names:
                 raise TextFileError(message + "; lines must follow class order")

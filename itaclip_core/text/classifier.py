@@ -30,18 +30,23 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from itaclip_core.errors import short
 from itaclip_core.model.clip import CLIP
-from itaclip_core.resources import text_file
-from itaclip_core.text.classes import ClassVocabulary, TextFileError
-from itaclip_core.text.tokenizer import TokenizerError, tokenize
+from itaclip_core.text.classes import ClassVocabulary, TextFileError, display_names
+from itaclip_core.text.tokenizer import TokenizerError, get_tokenizer, tokenize
 
 DEFAULT_TEMPLATES = "templates/openai_imagenet_templates.txt"
 
 
 def load_templates(path: str | Path | None = None) -> list[str]:
     """Prompt templates, one per line with `{}` where the text goes (default: OpenAI's 80 ImageNet templates)."""
-    source = Path(path) if path is not None and Path(path).is_file() else text_file(path or DEFAULT_TEMPLATES)
-    templates = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from itaclip_core.validation import find_text_file
+
+    source = find_text_file(path or DEFAULT_TEMPLATES)
+    if source is None:
+        raise TextFileError(f"template file {str(path)!r} not found (neither as a path nor under the texts/ folder)",
+                            cli=f"--set templates={path}: no such file (neither as a path nor under texts/)")
+    templates = [line for line in source.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     bad = [t for t in templates if t.count("{}") != 1]
     if not templates or bad:
         raise TextFileError(f"{source}: every template needs exactly one '{{}}' (offending: {bad[:3]})")
@@ -156,11 +161,9 @@ def _encode_uncached(
         for text in texts:  # name the offending class text, not just one of its prompts
             try:
                 tokenize([fill_template(t, text) for t in templates], model.context_length, truncate=truncate)
-            except TokenizerError as error:
-                raise TokenizerError(
-                    f"the class text {text!r} does not fit CLIP's {model.context_length}-token context inside the "
-                    f"prompt templates ({error}); shorten it"
-                ) from None
+            except TokenizerError:
+                longest = max(_prompt_length(fill_template(t, text)) for t in templates)
+                raise _too_long(text, longest, model.context_length) from None
         raise
     grouped = tokens.view(len(texts), len(templates), -1)  # (T, templates, context)
     if model.device.type == "cuda":
@@ -232,18 +235,48 @@ def build_classifier(
     """
     queries = vocab.queries
     query_to_class = vocab.query_to_class
-    texts = list(queries) + (list(aux_texts) if aux_texts is not None else [])
-    embeddings = encode_texts(model, texts, templates, batch_size, truncate, cache_dir, progress)
-    features = embeddings[: len(queries)].clone()
     if aux_texts is not None:
         expected = vocab.num_classes - (1 if background else 0)
         if len(aux_texts) != expected:
             raise TextFileError(
                 f"{len(aux_texts)} auxiliary texts for {expected} {'non-background ' if background else ''}classes"
             )
+    texts = list(queries) + (list(aux_texts) if aux_texts is not None else [])
+    embeddings = encode_texts(model, texts, templates, batch_size, truncate, cache_dir, progress)
+    features = embeddings[: len(queries)].clone()
+    if aux_texts is not None:
         aux = embeddings[len(queries) :]
         for row, cls in enumerate(query_to_class):
             if background and cls == 0:
                 continue
             features[row] = (1.0 - aux_coef) * features[row] + aux_coef * aux[cls - 1 if background else cls]
-    return TextClassifier(features, torch.tensor(query_to_class, dtype=torch.long), vocab.class_names, list(queries))
+    return TextClassifier(features, torch.tensor(query_to_class, dtype=torch.long), display_names(vocab, background),
+                          list(queries))  # fmt: skip
+
+
+def _prompt_length(prompt: str) -> int:
+    """Tokens of one prompt, with its start and end tokens."""
+    return len(get_tokenizer().encode(prompt)) + 2
+
+
+def _too_long(text: str, tokens: int, context_length: int) -> TokenizerError:
+    message = (f"the class text {short(text, 50)!r} makes prompts of {tokens} tokens, more than CLIP's "
+               f"{context_length}-token context: shorten it")  # fmt: skip
+    return TokenizerError(message + ", or cut such prompts with truncate_texts=True",
+                          cli=message + ", or cut such prompts with --set truncate_texts=true")
+
+
+def check_prompt_lengths(texts: Sequence[str], templates: Sequence[str], context_length: int = 77) -> None:
+    """Refuse texts whose prompts would not fit the context, before any model is loaded (cheap: each text is
+    tokenised once, inside the template that adds the most tokens).
+
+    Raises:
+        TokenizerError: naming the first such text and the `truncate_texts` setting that cuts it instead.
+    """
+    if not templates:
+        return
+    widest = max(templates, key=lambda t: _prompt_length(fill_template(t, "x")))
+    for text in texts:
+        tokens = _prompt_length(fill_template(widest, text))
+        if tokens > context_length:
+            raise _too_long(text, tokens, context_length)

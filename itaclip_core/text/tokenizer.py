@@ -18,6 +18,7 @@ import regex
 import torch
 
 from itaclip_core.resources import bpe_vocab_path
+from itaclip_core.errors import UserError
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -31,7 +32,7 @@ _WORD_PATTERN = regex.compile(
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A text cannot be tokenised as asked (for example it is longer than the context)."""
 
 
