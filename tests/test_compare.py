@@ -224,9 +224,12 @@ def test_a_record_folder_of_other_settings_is_refused_before_any_work(city_root:
     base = ["compare", "--configs", str(configs), "--data-root", str(city_root), "--out", str(out), *FAKE]
     assert main([*base, "--num-samples", "2"]) == 0
     stamp = (out / "configs" / "base" / "records" / "rank0.jsonl").stat().st_mtime_ns
-    assert main([*base, "--num-samples", "3"]) == 2
+    entries = json.loads(configs.read_text())
+    entries[0]["overrides"] = ["delay=0.0", "shift=2"]  # the same name with other settings
+    configs.write_text(json.dumps(entries))
+    assert main([*base, "--num-samples", "2"]) == 2
     err = capsys.readouterr().err
-    assert "configs/base holds an evaluation with different settings" in err and "num_samples" in err
+    assert "configs/base holds an evaluation with different settings" in err and "shift" in err
     assert (out / "configs" / "base" / "records" / "rank0.jsonl").stat().st_mtime_ns == stamp
 
 
