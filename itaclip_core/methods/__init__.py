@@ -1,0 +1,1 @@
+"""Training-free CLIP segmentation methods beyond ITACLIP and SCLIP, as pure functions of the image tower."""

@@ -1,0 +1,192 @@
+"""CLIPtrase (self-correlation recalibration with patch clustering), as its official single-GPU script runs it.
+
+Image tower (L blocks, class token first, 1-based block numbers):
+- blocks 1 .. L-1 are unchanged; block L-1 also yields its "correlation" matrix
+  `A = mean_heads (cos(Q_h, Q_h) + cos(K_h, K_h) + cos(V_h, V_h)) / 3`, (1 + P) x (1 + P), no softmax;
+- block L attends with `softmax(s QQ^T) + softmax(s KK^T) + softmax(s VV^T)` (rows sum to 3) and keeps its
+  residual and MLP; every token goes through `ln_post` and the projection.
+
+Per window:
+1. patch scores = cosine of the normalised patch tokens with the text queries, bilinear to the window size; a
+   pixel's label is the class of its best query (the official VOC21 list puts 33 background words after the 20
+   labels and maps any of them to the background label, which is this rule with a class file whose last line holds
+   those words). Optionally (the official VOC20 setting) the scores are multiplied per query by the class token's
+   scaled score.
+2. `W = A[1:, 1:] - A[0, 1:]` (the class token's row taken from every row), negatives set to 0: one row per patch.
+3. DBSCAN (scikit-learn, Euclidean) on the rows of W. If every patch is noise, the labels stay as they are.
+4. Per cluster, the mean of its rows of W as a rows x cols map, bilinear x4, median filter of size 7 (scipy,
+   mirrored borders), bilinear to the window; every pixel takes the cluster of the largest map.
+5. Each cluster's region takes the most frequent label inside it (ties to the smallest label).
+
+The official protocol resizes the short side to n (PIL bicubic), centre-crops n x n and scores that crop as one
+window (`centre_crop_image`); the sliding-window protocol of the other methods runs steps 1-5 on every window,
+against the labels of the stitched prediction, and each pixel takes the most frequent of its windows' votes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from itaclip_core.model.clip import VisionTransformer
+
+# Normalisation of the official script (torchvision ToTensor + Normalize): on [0, 1] values.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MEDIAN_SIZE = 7  # the official `ratio * 2 - 1` with ratio 4
+UPSAMPLE_RATIO = 4
+
+
+@dataclass(frozen=True)
+class CLIPtraseSettings:
+    """Clustering settings; the defaults are the official n = 336 ones (n = 224: eps 0.7, min_samples 3)."""
+
+    eps: float = 1.1  # DBSCAN neighbourhood radius
+    min_samples: int = 7  # DBSCAN core-point count
+    cls_weighting: bool = False  # multiply patch scores by the class token's scores (official VOC20 setting)
+
+    def check(self) -> None:
+        if not self.eps > 0:
+            raise ValueError(f"cliptrase eps must be > 0; got {self.eps}")
+        if self.min_samples < 1:
+            raise ValueError(f"cliptrase min_samples must be >= 1; got {self.min_samples}")
+
+
+def _cosine(a: torch.Tensor) -> torch.Tensor:
+    unit = F.normalize(a, dim=-1)
+    return unit @ unit.transpose(-1, -2)
+
+
+def correlation(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Block L-1's matrix from its queries, keys and values (B, H, N, hd): head mean of the mean q/k/v cosines."""
+    per_head = (_cosine(q) + _cosine(k) + _cosine(v)) / 3.0  # (B, H, N, N)
+    return per_head.sum(dim=1) / q.shape[1]
+
+
+def cliptrase_tokens(
+    visual: VisionTransformer, images: torch.Tensor, explicit: bool = False, with_correlation: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CLIPtrase's dense features of images (B, 3, H, W).
+
+    Returns:
+        tokens (B, 1 + P, output_dim), class token first, not normalised, and block L-1's correlation matrix
+        (B, 1 + P, 1 + P) (None unless `with_correlation`).
+    """
+    blocks = visual.blocks
+    x = visual.embed(images)
+    for block in blocks[:-2]:
+        x = block(x)
+    penultimate = blocks[-2]
+    q, k, v = penultimate.qkv(x)
+    matrix = correlation(q, k, v) if with_correlation else None
+    x = penultimate.attend(x, F.scaled_dot_product_attention(q, k, v))
+    last = blocks[-1]
+    q, k, v = last.qkv(x)
+    if explicit:
+        scale = q.shape[-1] ** -0.5
+        attention = sum(F.softmax((a * scale) @ a.transpose(-1, -2), dim=-1) for a in (q, k, v))
+        out = attention @ v
+    else:
+        out = sum(F.scaled_dot_product_attention(a, a, v) for a in (q, k, v))
+    x = last.attend(x, out, residual=True, mlp=True)
+    return visual.head(x), matrix
+
+
+def denoised_correlation(matrix: torch.Tensor) -> torch.Tensor:
+    """`A[1:, 1:] - A[0, 1:]` with negatives set to 0: (..., 1 + P, 1 + P) -> (..., P, P)."""
+    out = matrix[..., 1:, 1:] - matrix[..., :1, 1:]
+    return out.clamp_min_(0.0) if out.is_contiguous() else out.clamp_min(0.0)
+
+
+def cluster_patches(rows_of_w: torch.Tensor, settings: CLIPtraseSettings) -> np.ndarray:
+    """DBSCAN labels (P,) int64 of the rows of W (P, P); -1 marks noise."""
+    from sklearn.cluster import DBSCAN
+
+    data = rows_of_w.detach().float().cpu().numpy()
+    return DBSCAN(eps=settings.eps, min_samples=settings.min_samples).fit_predict(data).astype(np.int64)
+
+
+def cluster_maps(rows_of_w: torch.Tensor, labels: np.ndarray, grid: tuple[int, int]) -> torch.Tensor | None:
+    """Per cluster, the mean of its rows of W as a map, bilinear x4 and median-filtered: (K, 4 rows, 4 cols).
+
+    None when every patch is noise.
+    """
+    from scipy.ndimage import median_filter
+
+    clusters = sorted(set(labels.tolist()) - {-1})
+    if not clusters:
+        return None
+    rows, cols = grid
+    index = torch.from_numpy(labels).to(rows_of_w.device)
+    means = torch.stack([rows_of_w[index == c].mean(dim=0) for c in clusters]).reshape(len(clusters), rows, cols)
+    up = F.interpolate(means[None].float(), size=(UPSAMPLE_RATIO * rows, UPSAMPLE_RATIO * cols), mode="bilinear",
+                       align_corners=False)[0].cpu().numpy()
+    filtered = np.stack([median_filter(m, size=MEDIAN_SIZE) for m in up])
+    return torch.from_numpy(filtered)
+
+
+def cluster_assignment(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Cluster of every pixel of a window of `size`: argmax of the maps resized bilinearly, (h, w) int64."""
+    resized = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+    return resized.argmax(dim=0)
+
+
+def majority_vote(labels: torch.Tensor, assignment: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """Each cluster's most frequent label (ties to the smallest), painted over its region: (h, w) int64."""
+    flat_labels = labels.reshape(-1).long()
+    flat_assign = assignment.reshape(-1).long().to(flat_labels.device)
+    span = int(flat_labels.max()) + 1 if flat_labels.numel() else 1
+    counts = torch.bincount(flat_assign * span + flat_labels, minlength=num_clusters * span).view(num_clusters, span)
+    winners = counts.argmax(dim=1)  # first maximum: the smallest label
+    present = counts.sum(dim=1) > 0
+    out = flat_labels.clone()
+    covered = present[flat_assign]
+    out[covered] = winners[flat_assign[covered]]
+    return out.view_as(labels)
+
+
+def window_votes(
+    rows_of_w: torch.Tensor, grid: tuple[int, int], labels: torch.Tensor, settings: CLIPtraseSettings
+) -> tuple[torch.Tensor, dict[str, object]]:
+    """Steps 3-5 on one window: the voted labels (h, w) of `labels` (h, w) and the discrete steps taken.
+
+    The details dict holds `dbscan_labels` (P,), `cluster_maps` ((K, 4 rows, 4 cols) or None) and `assignment`
+    ((h, w) or None).
+    """
+    dbscan = cluster_patches(rows_of_w, settings)
+    maps = cluster_maps(rows_of_w, dbscan, grid)
+    details: dict[str, object] = {"dbscan_labels": dbscan, "cluster_maps": maps, "assignment": None}
+    if maps is None:
+        return labels.clone(), details
+    assignment = cluster_assignment(maps.to(labels.device), tuple(labels.shape))
+    details["assignment"] = assignment
+    return majority_vote(labels, assignment, maps.shape[0]), details
+
+
+def centre_crop_image(image: Image.Image, size: int) -> Image.Image:
+    """The official preprocessing: short side to `size` (PIL bicubic, long side truncated), centre crop."""
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    if new_h < size or new_w < size:
+        raise ValueError(f"cannot centre-crop {size}x{size} from a {new_w}x{new_h} image")
+    return image.crop((left, top, left + size, top + size))
+
+
+def normalise_rgb(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float32 normalised as the official script does (ToTensor, then Normalize)."""
+    array = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    values = array.float().div(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (values - mean) / std
