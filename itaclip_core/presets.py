@@ -54,6 +54,14 @@ class SegmentorConfig:
     batch_size: int | None = None  # images (windows x views) per forward pass; None: 16 on CPU, 256 on GPU
     text_batch_size: int | None = None  # prompts per forward pass of the text tower; None: 256 CPU, 1024 GPU
     truncate_texts: bool = False  # cut prompts longer than 77 tokens instead of refusing them
+    # SC-CLIP and CLIPtrase (issue 10; itaclip_core/methods/scclip.py, cliptrase.py)
+    scclip_detector: str = "lof"  # SC-CLIP anomaly detector: "lof" (official code) or "l2norm" (its first release)
+    scclip_blocks: tuple[int, ...] = (9, 4, 4, 10)  # SC-CLIP: affinity block, post block, multi-level first, last
+    scclip_res_cls: float = 0.3  # SC-CLIP: weight of the class token after the last-block attention
+    cliptrase_eps: float = 1.1  # CLIPtrase: DBSCAN radius
+    cliptrase_min_samples: int = 7  # CLIPtrase: DBSCAN core-point count
+    cliptrase_cls_weighting: bool = False  # CLIPtrase: patch scores times the class token's (official VOC20)
+    protocol: str = "standard"  # "standard": resize, sliding window; "centre_crop": CLIPtrase's script (crop x crop)
 
     def dense_config(self) -> DenseConfig:
         """The image tower's dense readout for these settings."""
@@ -127,6 +135,12 @@ PRESETS: dict[str, SegmentorConfig] = {
                         short_side=336, stride=28, img_eng_coef=0.75, logit_scale=40, prob_thd=0.0, area_thd=None),
     ]
 }
+
+
+# SC-CLIP and CLIPtrase (issue 10): their presets live in their own module.
+from itaclip_core.methods.scclip_cliptrase_presets import CLIPTRASE_PRESETS, SCCLIP_PRESETS  # noqa: E402
+
+PRESETS.update({p.name: p for p in SCCLIP_PRESETS + CLIPTRASE_PRESETS})
 
 
 def get_preset(name: str) -> SegmentorConfig:

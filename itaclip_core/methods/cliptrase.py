@@ -190,3 +190,95 @@ def normalise_rgb(image: Image.Image) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return (values - mean) / std
+
+
+# ------------------------------------------------------------------------------------------ windows of an image
+def settings_from(config) -> CLIPtraseSettings:
+    """The clustering settings of a `SegmentorConfig`, checked."""
+    settings = CLIPtraseSettings(eps=config.cliptrase_eps, min_samples=config.cliptrase_min_samples,
+                                 cls_weighting=config.cliptrase_cls_weighting)
+    settings.check()
+    return settings
+
+
+@torch.no_grad()
+def window_logits_and_clusters(
+    visual: VisionTransformer,
+    crops: torch.Tensor,
+    text_features: torch.Tensor,
+    settings: CLIPtraseSettings,
+    logit_scale: float,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Patch similarities and filtered cluster maps of a batch of windows (B, 3, h, w).
+
+    Returns:
+        logits (B, Q, rows, cols) float32 (cosines; with `cls_weighting` times the class token's scaled scores),
+        and per window its filtered cluster maps (K, 4 rows, 4 cols) on the CPU, or None if DBSCAN found no cluster.
+        The correlation matrices are dropped before returning.
+    """
+    rows, cols = visual.grid_size(crops.shape[-2], crops.shape[-1])
+    tokens, matrix = cliptrase_tokens(visual, crops.to(visual.conv1.weight.dtype))
+    features = F.normalize(tokens.float(), dim=-1)  # (B, 1 + P, D)
+    text = text_features.to(features.device, torch.float32)
+    logits = features[:, 1:] @ text.T  # (B, P, Q)
+    if settings.cls_weighting:
+        logits = logits * (logit_scale * (features[:, :1] @ text.T))  # per query, the class token's score
+    logits = logits.transpose(1, 2).reshape(crops.shape[0], -1, rows, cols)
+    denoised = denoised_correlation(matrix.float())
+    del matrix
+    maps = []
+    for rows_of_w in denoised:
+        labels = cluster_patches(rows_of_w, settings)
+        maps.append(cluster_maps(rows_of_w, labels, (rows, cols)))
+    return logits, maps
+
+
+def _box_on_original(window, resized_size: tuple[int, int], original_size: tuple[int, int]) -> tuple[int, ...]:
+    scale_y = original_size[0] / resized_size[0]
+    scale_x = original_size[1] / resized_size[1]
+    y1, y2 = int(round(window.y1 * scale_y)), int(round(window.y2 * scale_y))
+    x1, x2 = int(round(window.x1 * scale_x)), int(round(window.x2 * scale_x))
+    return y1, max(y2, y1 + 1), x1, max(x2, x1 + 1)
+
+
+def vote_on_windows(
+    labels: torch.Tensor,
+    windows: list,
+    maps: list[torch.Tensor | None],
+    resized_size: tuple[int, int],
+) -> torch.Tensor:
+    """The cluster vote of every window on the labels (H0, W0) of the whole image: (H0, W0) int64.
+
+    Each window's box is brought to the labels' size; its clusters (assigned at that box's size) vote against the
+    labels inside it, and every pixel takes the most frequent vote of the windows covering it (ties to the smallest
+    label). A window without clusters votes for the labels as they are. With one window covering the whole image
+    (the centre-crop protocol) this is exactly the official script's vote.
+    """
+    original_size = tuple(labels.shape)
+    slots: list[torch.Tensor] = []  # per covering layer, (H0, W0) votes, -1 where no vote
+    for window, window_maps in zip(windows, maps):
+        y1, y2, x1, x2 = _box_on_original(window, resized_size, original_size)
+        region = labels[y1:y2, x1:x2]
+        if window_maps is None:
+            voted = region
+        else:
+            assignment = cluster_assignment(window_maps.to(labels.device), (y2 - y1, x2 - x1))
+            voted = majority_vote(region, assignment, window_maps.shape[0])
+        for slot in slots:  # the first layer still free over the whole box
+            if bool((slot[y1:y2, x1:x2] < 0).all()):
+                slot[y1:y2, x1:x2] = voted
+                break
+        else:
+            slot = torch.full_like(labels, -1)
+            slot[y1:y2, x1:x2] = voted
+            slots.append(slot)
+    if not slots:
+        return labels.clone()
+    votes = torch.stack(slots)  # (S, H0, W0)
+    if votes.shape[0] == 1:
+        return torch.where(votes[0] >= 0, votes[0], labels)
+    counts = torch.stack([((votes == votes[i]) & (votes[i] >= 0)).sum(dim=0) for i in range(votes.shape[0])])
+    span = int(labels.max()) + int(votes.max()) + 2
+    score = torch.where(votes >= 0, counts * span - votes, torch.full_like(votes, -1))  # most votes, then smallest
+    best = votes.gather(0, score.argmax(dim=0, keepdim=True))[0]
+    return torch.where(best >= 0, best, labels)

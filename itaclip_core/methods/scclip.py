@@ -223,3 +223,17 @@ def scclip_tokens(
     main = aggregate(affinity_post, attended[:batch] + settings.res_cls * cls)
     multi_level = aggregate(affinity_post, attended[batch:] + settings.res_cls * multi[:, :1])
     return visual.head(main + multi_level)
+
+
+def settings_from(config) -> SCCLIPSettings:
+    """SC-CLIP's settings from a `SegmentorConfig` (`scclip_*` fields), checked against nothing yet: call `check`."""
+    blocks = tuple(config.scclip_blocks)
+    if len(blocks) != 4:
+        raise ValueError(
+            "scclip_blocks must be four 1-based block numbers: affinity block, post block, first and last block of "
+            f"the multi-level sum (published: 9,4,4,10); got {','.join(map(str, blocks)) or 'none'}"
+        )
+    if config.scclip_detector not in DETECTORS:
+        raise ValueError(f"scclip_detector must be one of {', '.join(DETECTORS)}; got {config.scclip_detector!r}")
+    return SCCLIPSettings(detector=config.scclip_detector, affinity_block=blocks[0], post_block=blocks[1],
+                          multi_blocks=(blocks[2], blocks[3]), res_cls=config.scclip_res_cls)
