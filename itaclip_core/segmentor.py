@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from itaclip_core.inference.engine import DenseInference
 from itaclip_core.inference.preprocess import ImageInput, PreparedImage, prepare_image
+from itaclip_core.methods.cliptrase import prepare_centre_crop
+from itaclip_core.methods.engines import build_engine
 from itaclip_core.model.clip import CLIP
 from itaclip_core.model.weights import default_cache_dir, load_clip
 from itaclip_core.postprocess import postprocess
@@ -98,15 +100,7 @@ class Segmentor:
         self.cache_dir = default_cache_dir() if cache_dir is True else (cache_dir or None)
         self.progress = progress
         self.classifier: TextClassifier | None = None
-        self.engine = DenseInference(
-            model,
-            self.config.dense_config(),
-            crop=self.config.crop,
-            stride=self.config.stride,
-            image_engineering=self.config.image_engineering,
-            img_eng_coef=self.config.img_eng_coef,
-            batch_size=self.config.batch_size,
-        )
+        self.engine: DenseInference = build_engine(model, self.config)
         if classes is not None or self.config.classes is not None:
             self.set_classes(classes if classes is not None else self.config.classes)
 
@@ -183,7 +177,10 @@ class Segmentor:
 
     # ----------------------------------------------------------------------------------------------- images
     def prepare(self, image: ImageInput, name: str | None = None) -> PreparedImage:
-        """Decode and resize an image as the protocol does (short side `config.short_side`)."""
+        """Decode and resize an image as the protocol does (short side `config.short_side`; with
+        `protocol=centre_crop`, CLIPtrase's n x n centre crop, n = `config.crop`)."""
+        if self.config.protocol == "centre_crop":
+            return prepare_centre_crop(image, self.config.crop, name=name)
         return prepare_image(image, self.config.short_side, self.config.long_side, name=name)
 
     @torch.no_grad()
@@ -211,8 +208,11 @@ class Segmentor:
             closing=self.config.closing,
             num_classes=self.classifier.num_classes,
         )
+        labels = result.labels
+        if hasattr(self.engine, "finish_labels"):  # a method that revises the label map (CLIPtrase's vote)
+            labels = self.engine.finish_labels(labels)
         return Prediction(
-            labels=result.labels.cpu().numpy().astype(np.int64),
+            labels=labels.cpu().numpy().astype(np.int64),
             probs=result.probs.cpu().numpy(),
             class_names=list(self.classifier.class_names),
             name=prepared.name,

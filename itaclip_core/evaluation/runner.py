@@ -68,11 +68,13 @@ class EvalOptions:
 class _EvalItems(Dataset):
     """Loads (index, prepared image, label) for the indices to evaluate; runs in worker processes."""
 
-    def __init__(self, dataset: SegDataset, indices: Sequence[int], short_side: int, long_side: int = 2048) -> None:
+    def __init__(self, dataset: SegDataset, indices: Sequence[int], short_side: int, long_side: int = 2048,
+                 centre_crop: int | None = None) -> None:
         self.dataset = dataset
         self.indices = list(indices)
         self.short_side = short_side
         self.long_side = long_side
+        self.centre_crop = centre_crop  # CLIPtrase's protocol: image and label centre-cropped to n x n
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -80,6 +82,11 @@ class _EvalItems(Dataset):
     def __getitem__(self, position: int) -> tuple[int, PreparedImage, np.ndarray]:
         index = self.indices[position]
         sample = self.dataset.samples[index]
+        if self.centre_crop:
+            from itaclip_core.methods.cliptrase import crop_label_map, prepare_centre_crop
+
+            prepared = prepare_centre_crop(sample.image_path, self.centre_crop, name=sample.name)
+            return index, prepared, crop_label_map(self.dataset.load_label(index), self.centre_crop)
         prepared = prepare_image(sample.image_path, self.short_side, self.long_side, name=sample.name)
         return index, prepared, self.dataset.load_label(index)
 
@@ -197,7 +204,9 @@ def evaluate(
     palette = vis.palette(num_classes, _palette_name(dataset.name))
     long_side = int(getattr(segmentor.config, "long_side", 2048))
     loader = DataLoader(
-        _EvalItems(dataset, todo, int(segmentor.config.short_side), long_side),
+        _EvalItems(dataset, todo, int(segmentor.config.short_side), long_side,
+                   centre_crop=segmentor.config.crop if getattr(segmentor.config, "protocol", "") == "centre_crop"
+                   else None),
         batch_size=1,
         shuffle=False,
         num_workers=options.workers,

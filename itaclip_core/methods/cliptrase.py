@@ -282,3 +282,56 @@ def vote_on_windows(
     score = torch.where(votes >= 0, counts * span - votes, torch.full_like(votes, -1))  # most votes, then smallest
     best = votes.gather(0, score.argmax(dim=0, keepdim=True))[0]
     return torch.where(best >= 0, best, labels)
+
+
+# ------------------------------------------------------------------------------------------ centre-crop protocol
+PROTOCOLS = ("standard", "centre_crop")
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+
+
+def read_rgb(image) -> Image.Image:
+    """Any image input as a PIL RGB image; files are decoded with PIL, as the official script does."""
+    from pathlib import Path
+
+    from itaclip_core.inference.preprocess import ImageReadError, to_bgr_uint8
+
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageReadError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as opened:
+                return opened.convert("RGB")
+        except OSError as error:
+            raise ImageReadError(f"could not decode {path} as an image ({error})") from None
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    return Image.fromarray(np.ascontiguousarray(to_bgr_uint8(image)[:, :, ::-1]))
+
+
+def prepare_centre_crop(image, size: int, name: str | None = None):
+    """The official preprocessing as a `PreparedImage`: the normalised n x n crop, whose size is its own
+    "original size" (predictions are at the crop, as the script scores them)."""
+    from pathlib import Path
+
+    from itaclip_core.inference.preprocess import PreparedImage
+
+    if name is None:
+        name = Path(image).name if isinstance(image, (str, Path)) else ""
+    crop = centre_crop_image(read_rgb(image), size)
+    return PreparedImage(tensor=normalise_rgb(crop), original_size=(size, size), name=name)
+
+
+def crop_label_map(labels: np.ndarray, size: int) -> np.ndarray:
+    """A ground-truth map brought to the crop as the script does: nearest resize of the short side, centre crop."""
+    image = Image.fromarray(labels.astype(np.int32), mode="I")
+    width, height = image.size
+    new_w, new_h = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.NEAREST)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.asarray(image.crop((left, top, left + size, top + size))).astype(labels.dtype)
