@@ -90,3 +90,124 @@ def test_bad_settings_are_named():
         CLIPtraseSettings(eps=0).check()
     with pytest.raises(ValueError, match="min_samples"):
         CLIPtraseSettings(min_samples=0).check()
+
+
+# ------------------------------------------------------------------------------------------------ whole pipeline
+SCRIPT_ORDER = "class_names/cliptrase/script_order/cls_voc21.txt"
+
+
+def _segmentor(tiny_clip, preset: str, *overrides: str):
+    from itaclip_core.presets import apply_overrides, get_preset
+    from itaclip_core.segmentor import Segmentor
+
+    return Segmentor(tiny_clip, apply_overrides(get_preset(preset), [f"classes={SCRIPT_ORDER}", *overrides]),
+                     cache_dir=None)
+
+
+@pytest.mark.parametrize("size", [336, 224])
+def test_voc21_presets_reproduce_the_official_script(tiny_clip, golden_dir, size):
+    golden = np.load(golden_dir / "methods" / f"cliptrase_voc21_{size}_synthetic.npz")
+    segmentor = _segmentor(tiny_clip, "cliptrase_voc21" if size == 336 else "cliptrase_voc21_224")
+    assert np.abs(segmentor.classifier.features.numpy() - golden["text_features"]).max() < 1e-5
+    image = golden_dir / "synthetic_300x420.png"
+    prepared = segmentor.prepare(image)
+    assert prepared.original_size == (size, size)
+    assert (prepared.tensor - torch.from_numpy(golden["image_input"])).abs().max() < 1e-5
+    # The script's scores: the model's logit scale times the cosine, the maximum over each class's words.
+    logits = segmentor.query_logits(prepared) * tiny_clip.logit_scale.exp()
+    index = segmentor.classifier.query_to_class
+    scores = torch.stack([logits[index == c].max(dim=0).values for c in range(21)])
+    assert (scores - torch.from_numpy(golden["logits"])).abs().max() < 1e-4
+    prediction = segmentor.predict(image)
+    assert prediction.labels.shape == prediction.probs.shape[1:] == (size, size)
+    assert np.array_equal(prediction.probs.argmax(axis=0), golden["pred_before_vote"])
+    assert (prediction.labels == golden["pred"]).mean() >= 0.9999
+    assert prediction.class_names[20] == "background" and prediction.class_names[0] == "aeroplane"
+
+
+def test_benchmark_order_puts_background_first(tiny_clip, golden_dir):
+    from itaclip_core.segmentor import Segmentor
+
+    golden = np.load(golden_dir / "methods" / "cliptrase_voc21_224_synthetic.npz")
+    prediction = Segmentor(tiny_clip, "cliptrase_voc21_224", cache_dir=None).predict(
+        golden_dir / "synthetic_300x420.png")
+    assert prediction.class_names[0] == "background"
+    expected = np.where(golden["pred"] == 20, 0, golden["pred"] + 1)  # the same map in the benchmark's order
+    assert (prediction.labels == expected).mean() >= 0.9999
+
+
+def test_the_straightforward_route_gives_the_same_labels(tiny_clip, golden_dir):
+    from itaclip_core.methods.straightforward import cliptrase_predict
+
+    golden = np.load(golden_dir / "methods" / "cliptrase_voc21_224_synthetic.npz")
+    segmentor = _segmentor(tiny_clip, "cliptrase_voc21_224")
+    prepared = segmentor.prepare(golden_dir / "synthetic_300x420.png")
+    probs, labels = cliptrase_predict(tiny_clip, prepared.tensor, prepared.original_size, segmentor.classifier,
+                                      segmentor.config)
+    assert (labels == golden["pred"]).mean() >= 0.9999
+    assert np.abs(probs.numpy() - segmentor.predict(golden_dir / "synthetic_300x420.png").probs).max() < 1e-4
+
+
+def test_standard_protocol_runs_windows_at_the_original_size(tiny_clip, golden_dir):
+    from itaclip_core.methods.straightforward import cliptrase_predict
+
+    segmentor = _segmentor(tiny_clip, "cliptrase_voc21_224", "protocol=standard")
+    prepared = segmentor.prepare(golden_dir / "synthetic_300x420.png")
+    assert prepared.original_size == (300, 420) and len(segmentor.engine.windows(*prepared.tensor.shape[-2:])) > 1
+    prediction = segmentor.predict_prepared(prepared)
+    assert prediction.labels.shape == (300, 420)
+    _, labels = cliptrase_predict(tiny_clip, prepared.tensor, prepared.original_size, segmentor.classifier,
+                                  segmentor.config)
+    assert (prediction.labels == labels).mean() >= 0.9999
+    # The vote changes the stitched argmax somewhere but only to labels some window voted for.
+    before = prediction.probs.argmax(axis=0)
+    assert set(np.unique(prediction.labels)) <= set(np.unique(before))
+
+
+def test_vote_over_overlapping_windows_takes_the_majority():
+    from itaclip_core.inference.sliding import Window
+    from itaclip_core.methods.cliptrase import vote_on_windows
+
+    labels = torch.tensor([[1, 2, 2, 3]])
+    one = torch.ones(1, 4, 4)  # a single cluster covering its window
+    windows = [Window(0, 1, 0, 2), Window(0, 1, 1, 3), Window(0, 1, 1, 4)]
+    voted = vote_on_windows(labels, windows, [one, one, None], (1, 4))
+    # Window 0 votes 1 on [0, 2) (tie 1/2 goes to 1); window 1 votes 2 on [1, 3); window 2 keeps [2, 2, 3].
+    # Pixel 1: votes 1, 2, 2 -> 2. Pixel 2: votes 2, 2 -> 2. Pixel 3: only window 2 -> 3.
+    assert voted.tolist() == [[1, 2, 2, 3]]
+    voted = vote_on_windows(torch.tensor([[1, 2, 5, 5]]), windows[:1], [one], (1, 4))
+    assert voted.tolist() == [[1, 1, 5, 5]]
+
+
+def test_centre_crop_is_only_for_cliptrase_and_protocols_are_checked(tiny_clip):
+    from itaclip_core.presets import apply_overrides, get_preset
+    from itaclip_core.segmentor import Segmentor
+
+    with pytest.raises(ValueError, match="protocol must be one of standard, centre_crop"):
+        Segmentor(tiny_clip, apply_overrides(get_preset("cliptrase_voc21"), ["protocol=crop"]), cache_dir=None)
+    with pytest.raises(ValueError, match="centre_crop is CLIPtrase's"):
+        Segmentor(tiny_clip, apply_overrides(get_preset("sclip_voc21"), ["protocol=centre_crop"]), cache_dir=None)
+    with pytest.raises(ValueError, match="eps"):
+        Segmentor(tiny_clip, apply_overrides(get_preset("cliptrase_voc21"), ["cliptrase_eps=0"]), cache_dir=None)
+
+
+def test_voc20_multiplies_by_the_class_token_scores(tiny_clip, golden_dir):
+    from itaclip_core.methods.cliptrase import window_logits_and_clusters
+
+    crop = normalise_rgb(centre_crop_image(Image.open(golden_dir / "synthetic_300x420.png"), 224))[None]
+    text = F.normalize(torch.randn(5, tiny_clip.visual.output_dim), dim=-1)
+    with torch.no_grad():
+        plain, _ = window_logits_and_clusters(tiny_clip.visual, crop, text, CLIPtraseSettings(0.7, 3), 100.0)
+        weighted, _ = window_logits_and_clusters(tiny_clip.visual, crop, text,
+                                                 CLIPtraseSettings(0.7, 3, cls_weighting=True), 100.0)
+        tokens, _ = cliptrase_tokens(tiny_clip.visual, crop)
+    cls_scores = 100.0 * F.normalize(tokens[0, 0], dim=-1) @ text.T  # (5,)
+    assert torch.allclose(weighted[0], plain[0] * cls_scores[:, None, None], atol=1e-5)
+
+
+def test_ground_truth_is_cropped_like_the_image():
+    from itaclip_core.methods.cliptrase import crop_label_map
+
+    labels = np.repeat(np.arange(10, dtype=np.int64)[None], 4, axis=0)  # 4 x 10, column index as the label
+    cropped = crop_label_map(labels, 4)  # no resize (short side 4), centre crop: columns 3 .. 6
+    assert cropped.tolist() == [[3, 4, 5, 6]] * 4 and cropped.dtype == labels.dtype

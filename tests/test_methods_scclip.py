@@ -113,3 +113,72 @@ def test_non_square_images_run_and_block_numbers_are_checked(tiny_clip):
         scclip_tokens(tiny_clip.visual, images, SCCLIPSettings(detector="iforest"))
     with pytest.raises(ValueError, match="lof_neighbors"):
         scclip_tokens(tiny_clip.visual, torch.randn(1, 3, 64, 64))
+
+
+# ------------------------------------------------------------------------------------------------ whole pipeline
+@pytest.fixture(scope="module")
+def pipeline_golden(golden_dir):
+    return np.load(golden_dir / "methods" / "scclip_voc21_synthetic.npz")
+
+
+@pytest.fixture(scope="module")
+def segmentor(tiny_clip):
+    from itaclip_core.segmentor import Segmentor
+
+    return Segmentor(tiny_clip, "scclip_voc21", cache_dir=None)
+
+
+def test_voc21_pipeline_matches_the_official_code(segmentor, golden_dir, pipeline_golden):
+    assert np.abs(segmentor.classifier.features.numpy() - pipeline_golden["query_features"]).max() < 1e-5
+    windows = segmentor.engine.windows(*segmentor.prepare(golden_dir / "synthetic_300x420.png").tensor.shape[-2:])
+    assert [[w.y1, w.y2, w.x1, w.x2] for w in windows] == pipeline_golden["crop_boxes"].tolist()
+    prediction = segmentor.predict(golden_dir / "synthetic_300x420.png")
+    assert prediction.probs.shape == pipeline_golden["logits"].shape == (21, 300, 420)
+    assert np.abs(prediction.probs - pipeline_golden["logits"]).max() < 1e-4
+    assert (prediction.labels == pipeline_golden["pred"]).mean() >= 0.9999
+
+
+def test_every_window_takes_the_official_steps(segmentor, golden_dir, pipeline_golden, tiny_clip):
+    prepared = segmentor.prepare(golden_dir / "synthetic_300x420.png")
+    boxes = pipeline_golden["crop_boxes"]
+    crops = torch.stack([prepared.tensor[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
+    inter: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        out = scclip_tokens(tiny_clip.visual, crops, intermediates=inter)
+    assert (out - torch.from_numpy(pipeline_golden["enc_out"])).abs().max() < 1e-4
+    assert np.array_equal(inter["outlier_mask"].numpy(), pipeline_golden["outlier_mask"])
+    assert (inter["outlier_scores"] - torch.from_numpy(pipeline_golden["lof_scores"])).abs().max() < 1e-4
+    assert (_grid(inter["repaired"]) - torch.from_numpy(pipeline_golden["x11_fixed"])).abs().max() < 1e-4
+    for key in ("affinity_mid", "affinity_pre", "affinity_post"):
+        assert (inter[key] - torch.from_numpy(pipeline_golden[key])).abs().max() < 1e-4, key
+
+
+def test_the_straightforward_route_gives_the_same_numbers(segmentor, golden_dir, pipeline_golden, tiny_clip):
+    from itaclip_core.methods.straightforward import scclip_predict
+
+    prepared = segmentor.prepare(golden_dir / "synthetic_300x420.png")
+    probs, labels = scclip_predict(tiny_clip, prepared.tensor, prepared.original_size, segmentor.classifier,
+                                   segmentor.config)
+    assert np.abs(probs.numpy() - pipeline_golden["logits"]).max() < 1e-4
+    assert (labels == pipeline_golden["pred"]).mean() >= 0.9999
+
+
+def test_the_l2norm_detector_preset_option_runs_and_differs(tiny_clip, golden_dir, pipeline_golden):
+    from itaclip_core.presets import apply_overrides, get_preset
+    from itaclip_core.segmentor import Segmentor
+
+    config = apply_overrides(get_preset("scclip_voc21"), ["scclip_detector=l2norm"])
+    prediction = Segmentor(tiny_clip, config, cache_dir=None).predict(golden_dir / "synthetic_300x420.png")
+    assert prediction.probs.shape == (21, 300, 420) and np.isfinite(prediction.probs).all()
+    assert np.abs(prediction.probs - pipeline_golden["logits"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("override,match", [("scclip_detector=iforest", "scclip_detector"),
+                                            ("scclip_blocks=9,4,4", "scclip_blocks"),
+                                            ("scclip_blocks=9,4,4,12", "multi_blocks")])
+def test_bad_settings_are_refused_before_any_work(tiny_clip, override, match):
+    from itaclip_core.presets import apply_overrides, get_preset
+    from itaclip_core.segmentor import Segmentor
+
+    with pytest.raises(ValueError, match=match):
+        Segmentor(tiny_clip, apply_overrides(get_preset("scclip_voc21"), [override]), cache_dir=None)
