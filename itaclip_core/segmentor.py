@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from itaclip_core.inference.engine import DenseInference
+from itaclip_core.methods import get_readout
 from itaclip_core.inference.preprocess import ImageInput, PreparedImage, prepare_image
 from itaclip_core.model.clip import CLIP
 from itaclip_core.model.weights import default_cache_dir, load_clip
 from itaclip_core.postprocess import postprocess
 from itaclip_core.presets import SegmentorConfig, apply_overrides, get_preset
+from itaclip_core.refinement.features import build_refinements
 from itaclip_core.refinement.pamr import pamr
 from itaclip_core.resources import texts_dir
 from itaclip_core.text.classes import (
@@ -106,6 +108,8 @@ class Segmentor:
             image_engineering=self.config.image_engineering,
             img_eng_coef=self.config.img_eng_coef,
             batch_size=self.config.batch_size,
+            readout=get_readout(self.config),
+            refinements=build_refinements(self.config),
         )
         if classes is not None or self.config.classes is not None:
             self.set_classes(classes if classes is not None else self.config.classes)
@@ -211,9 +215,12 @@ class Segmentor:
             closing=self.config.closing,
             num_classes=self.classifier.num_classes,
         )
+        probs = result.probs
+        if self.config.renormalize:  # after the thresholds, as NACLIP and ResCLIP do: only the probabilities change
+            probs = probs / probs.sum(dim=0, keepdim=True)
         return Prediction(
             labels=result.labels.cpu().numpy().astype(np.int64),
-            probs=result.probs.cpu().numpy(),
+            probs=probs.cpu().numpy(),
             class_names=list(self.classifier.class_names),
             name=prepared.name,
         )
