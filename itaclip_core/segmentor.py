@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from itaclip_core.inference.engine import DenseInference
+from itaclip_core.methods import get_readout
 from itaclip_core.inference.preprocess import ImageInput, PreparedImage, prepare_image
-from itaclip_core.methods.cliptrase import prepare_centre_crop
-from itaclip_core.methods.engines import build_engine
+from itaclip_core.methods.cliptrase import check_protocol, prepare_centre_crop
 from itaclip_core.model.clip import CLIP
 from itaclip_core.model.weights import default_cache_dir, load_clip
 from itaclip_core.postprocess import postprocess
 from itaclip_core.presets import SegmentorConfig, apply_overrides, get_preset
+from itaclip_core.refinement.features import build_refinements
 from itaclip_core.refinement.pamr import pamr
 from itaclip_core.resources import texts_dir
 from itaclip_core.text.classes import (
@@ -97,10 +98,21 @@ class Segmentor:
         """
         self.model = model.eval()
         self.config = get_preset(config) if isinstance(config, str) else config
+        check_protocol(self.config)
         self.cache_dir = default_cache_dir() if cache_dir is True else (cache_dir or None)
         self.progress = progress
         self.classifier: TextClassifier | None = None
-        self.engine: DenseInference = build_engine(model, self.config)
+        self.engine = DenseInference(
+            model,
+            self.config.dense_config(),
+            crop=self.config.crop,
+            stride=self.config.stride,
+            image_engineering=self.config.image_engineering,
+            img_eng_coef=self.config.img_eng_coef,
+            batch_size=self.config.batch_size,
+            readout=get_readout(self.config),
+            refinements=build_refinements(self.config),
+        )
         if classes is not None or self.config.classes is not None:
             self.set_classes(classes if classes is not None else self.config.classes)
 
@@ -208,12 +220,15 @@ class Segmentor:
             closing=self.config.closing,
             num_classes=self.classifier.num_classes,
         )
-        labels = result.labels
-        if hasattr(self.engine, "finish_labels"):  # a method that revises the label map (CLIPtrase's vote)
-            labels = self.engine.finish_labels(labels)
+        probs = result.probs
+        if self.config.renormalize:  # after the thresholds, as NACLIP and ResCLIP do: only the probabilities change
+            probs = probs / probs.sum(dim=0, keepdim=True)
+        # A readout may revise the label map with what it saw per window (CLIPtrase's cluster vote).
+        windows = self.engine.windows(*prepared.tensor.shape[-2:])
+        labels = self.engine.readout.revise_labels(result.labels, windows, tuple(prepared.tensor.shape[-2:]))
         return Prediction(
             labels=labels.cpu().numpy().astype(np.int64),
-            probs=result.probs.cpu().numpy(),
+            probs=probs.cpu().numpy(),
             class_names=list(self.classifier.class_names),
             name=prepared.name,
         )

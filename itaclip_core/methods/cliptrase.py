@@ -26,6 +26,7 @@ against the labels of the stitched prediction, and each pixel takes the most fre
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -208,8 +209,12 @@ def window_logits_and_clusters(
     text_features: torch.Tensor,
     settings: CLIPtraseSettings,
     logit_scale: float,
+    refine: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Patch similarities and filtered cluster maps of a batch of windows (B, 3, h, w).
+
+    `refine`, if given, maps the L2-normalised patch features (B, rows, cols, D) before the text product (the
+    configured feature refinements).
 
     Returns:
         logits (B, Q, rows, cols) float32 (cosines; with `cls_weighting` times the class token's scaled scores),
@@ -220,10 +225,13 @@ def window_logits_and_clusters(
     tokens, matrix = cliptrase_tokens(visual, crops.to(visual.conv1.weight.dtype))
     features = F.normalize(tokens.float(), dim=-1)  # (B, 1 + P, D)
     text = text_features.to(features.device, torch.float32)
-    logits = features[:, 1:] @ text.T  # (B, P, Q)
-    if settings.cls_weighting:
-        logits = logits * (logit_scale * (features[:, :1] @ text.T))  # per query, the class token's score
-    logits = logits.transpose(1, 2).reshape(crops.shape[0], -1, rows, cols)
+    patches = features[:, 1:].reshape(crops.shape[0], rows, cols, -1)  # (B, rows, cols, D)
+    if refine is not None:
+        patches = refine(patches)
+    logits = patches @ text.T  # (B, rows, cols, Q)
+    if settings.cls_weighting:  # per query, the class token's scaled score
+        logits = logits * (logit_scale * (features[:, :1] @ text.T))[:, None]
+    logits = logits.permute(0, 3, 1, 2)  # (B, Q, rows, cols)
     denoised = denoised_correlation(matrix.float())
     del matrix
     maps = []
@@ -288,11 +296,6 @@ def vote_on_windows(
 PROTOCOLS = ("standard", "centre_crop")
 
 
-def check_protocol(protocol: str) -> None:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
-
-
 def read_rgb(image) -> Image.Image:
     """Any image input as a PIL RGB image; files are decoded with PIL, as the official script does."""
     from pathlib import Path
@@ -335,3 +338,72 @@ def crop_label_map(labels: np.ndarray, size: int) -> np.ndarray:
         image = image.resize((new_w, new_h), Image.NEAREST)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return np.asarray(image.crop((left, top, left + size, top + size))).astype(labels.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ dense readout
+from itaclip_core.methods.base import DenseReadout, register_readout  # noqa: E402
+
+
+def check_protocol(config) -> None:
+    """`protocol` is known, and `centre_crop` is used with CLIPtrase's readout only."""
+    if config.protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {config.protocol!r}")
+    if config.protocol == "centre_crop" and config.readout != "cliptrase":
+        raise ValueError(f"protocol=centre_crop is CLIPtrase's protocol (readout=cliptrase); readout is "
+                         f"{config.readout!r}: use protocol=standard")
+
+
+@register_readout("cliptrase")
+class CLIPtraseReadout(DenseReadout):
+    """CLIPtrase as the dense readout: its tower, per-window clusters, and the vote in `revise_labels`.
+
+    For each batch of windows the correlation matrices become cluster maps at once and are dropped; the maps of the
+    image's windows (K x 4 rows x 4 cols each) are all that is kept until the vote. Feature refinements apply to
+    the patch features before the text product (the clusters come from block L-1 and are not affected).
+    """
+
+    def __init__(self, config, dense) -> None:
+        super().__init__(config, dense)
+        self.settings = settings_from(config)
+        self._maps: list[torch.Tensor | None] | None = None
+
+    def check(self, config) -> None:
+        super().check(config)
+        check_protocol(config)
+        if config.image_engineering:
+            raise ValueError("image_engineering=true: CLIPtrase's clusters are per window, not per view; "
+                             "allowed: image_engineering=false")
+
+    def patch_tokens(self, visual: VisionTransformer, images: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        return cliptrase_tokens(visual, images, with_correlation=False)[0][:, 1:]
+
+    @torch.no_grad()
+    def window_logits(self, engine, crops: torch.Tensor, text: torch.Tensor, refinements=()) -> torch.Tensor:
+        from itaclip_core.refinement.features import RefineContext
+
+        model = engine.model
+        text = text.to(model.device, torch.float32)
+        logits, maps = [], []
+        for start in range(0, crops.shape[0], engine.batch_size):
+            chunk = crops[start : start + engine.batch_size].to(model.device)
+            refine = None
+            if refinements:
+                context = RefineContext(chunk, text, self.config, model.visual.patch_size)
+
+                def refine(patches: torch.Tensor, context: RefineContext = context) -> torch.Tensor:
+                    for refinement in refinements:
+                        patches = refinement.refine(patches, context)
+                    return patches
+
+            chunk_logits, chunk_maps = window_logits_and_clusters(model.visual, chunk, text, self.settings,
+                                                                  self.config.logit_scale, refine)
+            logits.append(chunk_logits)
+            maps.extend(chunk_maps)
+        self._maps = maps
+        return torch.cat(logits)
+
+    def revise_labels(self, labels: torch.Tensor, windows, image_size: tuple[int, int]) -> torch.Tensor:
+        if self._maps is None or len(self._maps) != len(windows):
+            raise RuntimeError("CLIPtrase's vote needs the clusters of this image's windows: run its logits first")
+        maps, self._maps = self._maps, None
+        return vote_on_windows(labels, list(windows), maps, image_size)

@@ -237,3 +237,30 @@ def settings_from(config) -> SCCLIPSettings:
         raise ValueError(f"scclip_detector must be one of {', '.join(DETECTORS)}; got {config.scclip_detector!r}")
     return SCCLIPSettings(detector=config.scclip_detector, affinity_block=blocks[0], post_block=blocks[1],
                           multi_blocks=(blocks[2], blocks[3]), res_cls=config.scclip_res_cls)
+
+
+# ------------------------------------------------------------------------------------------------ dense readout
+from itaclip_core.methods.base import DenseReadout, register_readout  # noqa: E402
+
+
+@register_readout("scclip")
+class SCCLIPReadout(DenseReadout):
+    """SC-CLIP's patch tokens (`scclip_tokens`) as the dense readout; settings from the `scclip_*` fields.
+
+    Patch features exist, so image engineering and feature refinements compose with it.
+    """
+
+    def __init__(self, config, dense) -> None:
+        super().__init__(config, dense)
+        self.settings = settings_from(config)
+
+    def check(self, config) -> None:
+        super().check(config)
+        if config.protocol != "standard":
+            raise ValueError(f"protocol={config.protocol}: SC-CLIP runs in the standard protocol only")
+
+    def check_model(self, model) -> None:
+        self.settings.check(len(model.visual.blocks))
+
+    def patch_tokens(self, visual: VisionTransformer, images: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        return scclip_tokens(visual, images, self.settings)

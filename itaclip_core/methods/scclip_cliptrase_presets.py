@@ -39,7 +39,7 @@ CLIPTRASE_SIZES = {336: (1.1, 7), 224: (0.7, 3)}
 def _scclip(dataset: str) -> SegmentorConfig:
     classes, background, short_side, logit_scale, prob_thd, area_thd = _SCCLIP[dataset]
     return SegmentorConfig(
-        name=f"scclip_{dataset}", method="scclip", dataset=dataset, classes=f"class_names/scclip/{classes}",
+        name=f"scclip_{dataset}", method="scclip", readout="scclip", dataset=dataset, classes=f"class_names/scclip/{classes}",
         background=background, short_side=short_side, crop=224, stride=112, attention="selfself", fuse_blocks=(),
         last_residual=False, last_mlp=False, image_engineering=False, pamr_steps=0, logit_scale=logit_scale,
         prob_thd=prob_thd, area_thd=area_thd, closing=False,
@@ -50,7 +50,7 @@ def _cliptrase(dataset: str, size: int) -> SegmentorConfig:
     eps, min_samples = CLIPTRASE_SIZES[size]
     suffix = "" if size == 336 else f"_{size}"
     return SegmentorConfig(
-        name=f"cliptrase_{dataset}{suffix}", method="cliptrase", dataset=dataset,
+        name=f"cliptrase_{dataset}{suffix}", method="cliptrase", readout="cliptrase", dataset=dataset,
         classes=f"class_names/cliptrase/cls_{dataset}.txt", background=_CLIPTRASE[dataset], short_side=336,
         crop=size, stride=size // 2, attention="selfself", fuse_blocks=(), last_residual=True, last_mlp=True,
         image_engineering=False, pamr_steps=0, logit_scale=100.0, prob_thd=0.0, area_thd=None, closing=False,
