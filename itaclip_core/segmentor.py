@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from itaclip_core.inference.engine import DenseInference
 from itaclip_core.methods import get_readout
 from itaclip_core.inference.preprocess import ImageInput, PreparedImage, prepare_image
-from itaclip_core.methods.cliptrase import check_protocol, prepare_centre_crop
+from itaclip_core.methods.cliptrase import check_protocol, denormalise_rgb, prepare_centre_crop
 from itaclip_core.model.clip import CLIP
 from itaclip_core.model.weights import default_cache_dir, load_clip
 from itaclip_core.postprocess import postprocess
@@ -48,6 +48,7 @@ class Prediction:
     probs: np.ndarray  # (K, H, W) float32 class probabilities (softmax, variant max, area threshold)
     class_names: list[str]  # K display names
     name: str = ""  # the image's name, when known
+    image: np.ndarray | None = None  # (H, W, 3) uint8 RGB pixels the labels cover when not the input's (centre crop)
 
     def areas(self) -> dict[str, float]:
         """Fraction of the image each class covers, for the classes present, largest first."""
@@ -231,6 +232,7 @@ class Segmentor:
             probs=probs.cpu().numpy(),
             class_names=list(self.classifier.class_names),
             name=prepared.name,
+            image=denormalise_rgb(prepared.tensor) if self.config.protocol == "centre_crop" else None,
         )
 
     def predict(self, image: ImageInput, name: str | None = None) -> Prediction:

@@ -94,9 +94,11 @@ def run(args: argparse.Namespace) -> int:
             failures.append((image_path, str(error)))
             continue
         prediction = segmentor.predict(bgr[:, :, ::-1].copy(), name=image_path.name)
+        # The pixels the labels cover: the image, or the crop a protocol scored (CLIPtrase's centre crop).
+        shown = prediction.image if prediction.image is not None else bgr[:, :, ::-1]
         save_label_png(args.out / f"{stem}_labels.png", prediction.labels, colours)
         save_rgb_png(args.out / f"{stem}_overlay.png",
-                     overlay(bgr[:, :, ::-1], prediction.labels, prediction.class_names, colours))
+                     overlay(shown, prediction.labels, prediction.class_names, colours))
         counts = np.bincount(prediction.labels.ravel(), minlength=segmentor.num_classes)
         areas = {
             "image": str(image_path),

@@ -123,6 +123,10 @@ def _save_outputs(
         vis.save_label_png(options.save_preds / f"{name}.png", labels, palette)
     if index < options.save_vis:
         image_rgb = cv2.cvtColor(read_image_bgr(dataset.samples[index].image_path), cv2.COLOR_BGR2RGB)
+        if image_rgb.shape[:2] != labels.shape:  # a centre-crop protocol: show the crop that was scored
+            from itaclip_core.methods.cliptrase import centre_crop_image, read_rgb
+
+            image_rgb = np.asarray(centre_crop_image(read_rgb(dataset.samples[index].image_path), labels.shape[0]))
         panel = vis.side_by_side(image_rgb, labels, gt, dataset.class_names, palette=palette,
                                  ignore_index=dataset.ignore_index)  # fmt: skip
         vis.save_rgb_png(options.out_dir / "vis" / f"{name}.png", panel)

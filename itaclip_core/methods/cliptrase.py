@@ -329,6 +329,14 @@ def prepare_centre_crop(image, size: int, name: str | None = None):
     return PreparedImage(tensor=normalise_rgb(crop), original_size=(size, size), name=name)
 
 
+def denormalise_rgb(tensor: torch.Tensor) -> np.ndarray:
+    """Inverse of `normalise_rgb` for display: (3, H, W) -> (H, W, 3) uint8 RGB."""
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    values = (tensor.detach().float().cpu() * std + mean).mul(255.0).round().clamp(0, 255).byte()
+    return values.permute(1, 2, 0).numpy()
+
+
 def crop_label_map(labels: np.ndarray, size: int) -> np.ndarray:
     """A ground-truth map brought to the crop as the script does: nearest resize of the short side, centre crop."""
     image = Image.fromarray(labels.astype(np.int32), mode="I")
