@@ -75,6 +75,7 @@ class SegmentorConfig:
     regional_grid: int = 4
     regional_overlap: float = 0.25
     regional_beta: float = 0.6
+    class_separator: str = ", "  # between name variants in class files (ClearCLIP's files: ",")
     # SC-CLIP and CLIPtrase (issue 10; itaclip_core/methods/scclip.py, cliptrase.py)
     scclip_detector: str = "lof"  # SC-CLIP anomaly detector: "lof" (official code) or "l2norm" (its first release)
     scclip_blocks: tuple[int, ...] = (9, 4, 4, 10)  # SC-CLIP: affinity block, post block, multi-level first, last
@@ -133,6 +134,10 @@ def _sclip(name: str, dataset: str, classes: str, background: bool, short_side: 
     )
 
 
+from itaclip_core.methods.presets import zoo_a_presets  # noqa: E402 - needs SegmentorConfig
+
+ZOO_A_PRESETS = zoo_a_presets(SegmentorConfig)  # NACLIP, ClearCLIP, ResCLIP
+
 PRESETS: dict[str, SegmentorConfig] = {
     p.name: p
     for p in [
@@ -155,6 +160,7 @@ PRESETS: dict[str, SegmentorConfig] = {
         _sclip("sclip_cityscapes", "cityscapes", "cls_city_scapes.txt", False, 560),
         _sclip("sclip_ade20k", "ade20k", "cls_ade20k.txt", False, 336),
         # Arbitrary user classes with ITACLIP's architecture and image engineering; no auxiliary text unless given.
+        *ZOO_A_PRESETS,
         SegmentorConfig(name="open_vocab", method="itaclip", dataset=None, classes=None, background=False,
                         short_side=336, stride=28, img_eng_coef=0.75, logit_scale=40, prob_thd=0.0, area_thd=None),
     ]

@@ -137,7 +137,7 @@ def test_benchmark_order_puts_background_first(tiny_clip, golden_dir):
 
 
 def test_the_straightforward_route_gives_the_same_labels(tiny_clip, golden_dir):
-    from itaclip_core.methods.straightforward import cliptrase_predict
+    from itaclip_core.methods.straightforward_scclip_cliptrase import cliptrase_predict
 
     golden = np.load(golden_dir / "methods" / "cliptrase_voc21_224_synthetic.npz")
     segmentor = _segmentor(tiny_clip, "cliptrase_voc21_224")
@@ -149,7 +149,7 @@ def test_the_straightforward_route_gives_the_same_labels(tiny_clip, golden_dir):
 
 
 def test_standard_protocol_runs_windows_at_the_original_size(tiny_clip, golden_dir):
-    from itaclip_core.methods.straightforward import cliptrase_predict
+    from itaclip_core.methods.straightforward_scclip_cliptrase import cliptrase_predict
 
     segmentor = _segmentor(tiny_clip, "cliptrase_voc21_224", "protocol=standard")
     prepared = segmentor.prepare(golden_dir / "synthetic_300x420.png")

@@ -99,3 +99,46 @@ def test_a_bad_setting_is_reported_without_output(tmp_path, capsys):
                  "--out", str(out), "--set", "scclip_detector=iforest", "--no-progress"]) == 2
     assert "scclip_detector must be one of lof, l2norm" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ beyond the golden case
+@pytest.fixture(scope="module")
+def random_clip():
+    from itaclip_core import load_clip
+
+    return load_clip("random-tiny:11", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def blocky_image():
+    rng = np.random.default_rng(5)
+    big = np.kron(rng.random((6, 8, 3)), np.ones((32, 32, 1)))[:190, :250]
+    return np.clip(200 * big + rng.integers(0, 50, big.shape), 0, 255).astype(np.uint8)
+
+
+GENERAL = [
+    ("scclip_context60", ["short_side=200", "crop=112", "stride=64", "batch_size=3"]),
+    ("scclip_voc21", ["short_side=180", "scclip_detector=l2norm", "scclip_blocks=8,3,2,9", "scclip_res_cls=0.5"]),
+    ("scclip_coco_object", ["short_side=200", "crop=160", "stride=96", "refine=selfcorr,regional"]),
+    ("cliptrase_voc21_224", ["protocol=standard", "short_side=200", "crop=112", "stride=64", "batch_size=2",
+                             "cliptrase_eps=0.5", "cliptrase_min_samples=2"]),
+    ("cliptrase_voc20", ["crop=160", "cliptrase_eps=0.6", "cliptrase_min_samples=3"]),
+    ("cliptrase_context59_224", ["protocol=standard", "short_side=180", "refine=selfcorr", "cliptrase_eps=0.5"]),
+]
+
+
+@pytest.mark.parametrize("preset,overrides", GENERAL, ids=[f"{c[0]}-{i}" for i, c in enumerate(GENERAL)])
+def test_batched_engine_equals_the_straightforward_route(random_clip, blocky_image, preset, overrides):
+    from itaclip_core.methods import straightforward
+
+    config = apply_overrides(get_preset(preset), overrides)
+    segmentor = Segmentor(random_clip, config, classes=["sky", "tree, forest", "road", "dog", "person"],
+                          cache_dir=None)
+    prepared = segmentor.prepare(blocky_image)
+    prediction = segmentor.predict_prepared(prepared)
+    probs, labels = straightforward.predict(random_clip, prepared.tensor, prepared.original_size,
+                                            segmentor.classifier, config)
+    assert np.abs(prediction.probs - probs.numpy()).max() < 1e-4
+    assert (prediction.labels == labels).mean() >= 0.9999
+    if config.readout == "cliptrase":  # the vote acted, so the equality above covers it
+        assert (prediction.labels != prediction.probs.argmax(axis=0)).mean() > 0.01

@@ -154,7 +154,7 @@ def test_every_window_takes_the_official_steps(segmentor, golden_dir, pipeline_g
 
 
 def test_the_straightforward_route_gives_the_same_numbers(segmentor, golden_dir, pipeline_golden, tiny_clip):
-    from itaclip_core.methods.straightforward import scclip_predict
+    from itaclip_core.methods.straightforward_scclip_cliptrase import scclip_predict
 
     prepared = segmentor.prepare(golden_dir / "synthetic_300x420.png")
     probs, labels = scclip_predict(tiny_clip, prepared.tensor, prepared.original_size, segmentor.classifier,
