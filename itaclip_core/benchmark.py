@@ -36,7 +36,8 @@ import torch
 SETTINGS = {"voc": "itaclip_voc21", "coco_stuff": "itaclip_coco_stuff"}
 # --methods NAME: the preset it is measured with
 METHOD_PRESETS = {"itaclip": "itaclip_voc21", "sclip": "sclip_voc21", "naclip": "naclip_voc21",
-                  "clearclip": "clearclip_voc21", "resclip": "resclip_voc21"}
+                  "clearclip": "clearclip_voc21", "resclip": "resclip_voc21", "scclip": "scclip_voc21",
+                  "cliptrase": "cliptrase_voc21"}
 # The 300x420 reference image in a source checkout; the shipped sample photo otherwise.
 _CHECKOUT_IMAGE = Path(__file__).resolve().parent.parent / "tests" / "golden" / "synthetic_300x420.png"
 DEFAULT_IMAGE = _CHECKOUT_IMAGE if _CHECKOUT_IMAGE.is_file() else Path(__file__).parent / "assets" / "sample_coffee.jpg"
@@ -160,11 +161,10 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
                 result["step_rss_mib"] = memory.added_mib
         result["seconds"] = result["seconds_cold"]
     else:
-        from itaclip_core.inference.preprocess import prepare_image
         from itaclip_core.segmentor import Segmentor
 
         segmentor = Segmentor(model, config, cache_dir=Path(spec["cache_dir"]))
-        prepared = prepare_image(spec["image"], config.short_side, config.long_side)
+        prepared = segmentor.prepare(spec["image"])  # the preset's protocol (CLIPtrase's: the centre crop)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = []
