@@ -51,6 +51,9 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "08_speed": ({"timings", "speedup_vs_straightforward", "max_abs_difference", "label_agreement", "num_images"},
                  {"08_throughput.png", "08_memory.png"}),
     "09_explorer": ({"settings", "areas", "updates", "seconds"}, {"09_explorer.png"}),
+    "10_method_zoo": ({"methods", "top10_concentration", "seconds", "areas", "classes_found",
+                       "refinement_pixels_changed"},
+                      {"10_attention.png", "10_segmentation.png", "10_areas.png", "10_refinements.png"}),
 }  # fmt: skip
 SCORE_KEYS = ("mIoU", "mAcc", "aAcc")
 
@@ -161,6 +164,10 @@ def test_notebook_runs_with_ci_parameters(name: str, ci_run: dict[str, Any]) -> 
         assert results["max_abs_difference"] < 1e-4 and results["label_agreement"] > 0.99  # the two algorithms agree
     if name == "09_explorer":
         assert results["updates"] == 1
+    if name == "10_method_zoo":
+        assert set(results["methods"]) == set(explore.available_methods())
+        assert {"ITACLIP", "SCLIP", "SC-CLIP", "CLIPtrase"} <= set(results["methods"])
+        assert set(results["refinement_pixels_changed"]) == {"selfcorr", "regional", "sfr", "selfcorr,regional"}
 
 
 @pytest.mark.notebook

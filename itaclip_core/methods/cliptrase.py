@@ -64,8 +64,10 @@ def _cosine(a: torch.Tensor) -> torch.Tensor:
 
 def correlation(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Block L-1's matrix from its queries, keys and values (B, H, N, hd): head mean of the mean q/k/v cosines."""
-    per_head = (_cosine(q) + _cosine(k) + _cosine(v)) / 3.0  # (B, H, N, N)
-    return per_head.sum(dim=1) / q.shape[1]
+    per_head = _cosine(q)  # (B, H, N, N); summed in place: at most two such tensors at a time
+    per_head += _cosine(k)
+    per_head += _cosine(v)
+    return per_head.div_(3.0).sum(dim=1) / q.shape[1]
 
 
 def cliptrase_tokens(
@@ -95,6 +97,19 @@ def cliptrase_tokens(
         out = sum(F.scaled_dot_product_attention(a, a, v) for a in (q, k, v))
     x = last.attend(x, out, residual=True, mlp=True)
     return visual.head(x), matrix
+
+
+@torch.no_grad()
+def cliptrase_attention(visual: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """CLIPtrase's last-block attention, `(softmax(s QQ^T) + softmax(s KK^T) + softmax(s VV^T)) / 3` averaged over
+    heads: (B, 1 + P, 1 + P), for inspection."""
+    x = visual.embed(images)
+    for block in visual.blocks[:-1]:
+        x = block(x)
+    q, k, v = visual.blocks[-1].qkv(x)
+    scale = q.shape[-1] ** -0.5
+    attention = sum(F.softmax((a * scale) @ a.transpose(-1, -2), dim=-1) for a in (q, k, v)) / 3
+    return attention.mean(dim=1).float()
 
 
 def denoised_correlation(matrix: torch.Tensor) -> torch.Tensor:

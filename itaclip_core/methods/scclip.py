@@ -225,6 +225,21 @@ def scclip_tokens(
     return visual.head(main + multi_level)
 
 
+@torch.no_grad()
+def scclip_attention(visual: VisionTransformer, images: torch.Tensor,
+                     settings: SCCLIPSettings = SCCLIPSettings()) -> torch.Tensor:
+    """The last-block attention of SC-CLIP's main branch, `(softmax(M) + softmax(k k^T s)) / 2` averaged over heads:
+    (B, P, P), for inspection (the multi-level branch uses the same affinity part)."""
+    inter: dict[str, torch.Tensor] = {}
+    scclip_tokens(visual, images, settings, intermediates=inter)
+    block = visual.blocks[-1]
+    _, k, _ = block.qkv(aggregate(inter["affinity_pre"], inter["repaired"]))
+    centred = (inter["affinity_mid"] - inter["affinity_mid"].mean(dim=(-2, -1), keepdim=True)) * settings.temperature
+    mixed = F.softmax(centred.masked_fill(centred < 0, float("-inf")), dim=-1)
+    keys = F.softmax((k @ k.transpose(-1, -2)) * k.shape[-1] ** -0.5, dim=-1).mean(dim=1)
+    return ((mixed + keys) / 2).float()
+
+
 def settings_from(config) -> SCCLIPSettings:
     """SC-CLIP's settings from a `SegmentorConfig` (`scclip_*` fields), checked against nothing yet: call `check`."""
     blocks = tuple(config.scclip_blocks)
