@@ -115,8 +115,10 @@ def _warm_up(model, config, device: torch.device) -> None:
     from itaclip_core.attention.dense import dense_tokens
     from itaclip_core.text.tokenizer import tokenize
 
-    dense_tokens(model.visual, torch.zeros(2, 3, config.crop, config.crop, device=device, dtype=model.dtype),
-                 config.dense_config())
+    side = config.crop or model.visual.input_resolution  # crop 0: whole image
+    if config.readout == "tokens":
+        dense_tokens(model.visual, torch.zeros(2, 3, side, side, device=device, dtype=model.dtype),
+                     config.dense_config())
     model.encode_text(tokenize(["a photo of a warm-up."]).to(device))
     _sync(device)
 

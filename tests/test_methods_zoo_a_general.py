@@ -122,3 +122,29 @@ def test_every_zoo_a_preset_has_its_class_file_and_published_settings():
     rc = get_preset("resclip_voc20")
     assert (rc.attention_scale, 1 - rc.fuse_weight, rc.sfr_tau, rc.sfr_lambda, rc.sfr_temp_thd) == \
         pytest.approx((2.0, 0.6, 2.1, 0.6, 0.1))
+
+
+@pytest.mark.parametrize("preset", ["naclip_voc21", "clearclip_context60", "resclip_cityscapes"])
+def test_presets_run_from_the_cli_and_the_api(preset, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from itaclip_core.cli import main
+
+    path = tmp_path / "img.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(path)
+    small = ["--set", "short_side=64", "--set", "crop=0" if preset.startswith("naclip") else "crop=32",
+             "--set", "stride=32", "--no-progress"]
+    out = tmp_path / "out"
+    assert main(["segment", str(path), "--preset", preset, "--weights", "random-tiny", "--out", str(out),
+                 "--save-npz", *small]) == 0
+    saved = np.load(out / "img.npz")
+    areas = json.loads((out / "img_areas.json").read_text())
+    assert sum(c["pixels"] for c in areas["classes"].values()) == 70 * 90
+    overrides = [item for item in small[:-1] if item != "--set"]
+    segmentor = Segmentor.from_preset(preset, weights="random-tiny", device="cpu", overrides=overrides)
+    prediction = segmentor.predict(path)
+    assert np.array_equal(prediction.labels, saved["labels"])
+    assert np.abs(prediction.probs - saved["probs"]).max() < 1e-5

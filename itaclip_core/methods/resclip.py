@@ -22,7 +22,8 @@
      model's dtype.
 
 The official segmentor stores `use_rcs` and `use_sfr` as 1-tuples (a trailing comma), so both are always on; the
-presets reproduce that. RCS alone is `readout=tokens, attention=naclip` with the RCS fusion; SFR is this readout.
+presets reproduce that. The other behaviours are options: RCS alone is `readout=tokens` (without an SFR matrix the `resclip` variant is
+NACLIP's attention), SFR alone is `fuse_blocks=()`.
 """
 
 from __future__ import annotations
@@ -168,11 +169,13 @@ class ResCLIPReadout(DenseReadout):
         rows, cols = visual.grid_size(images.shape[-2], images.shape[-1])
         features = F.normalize(patch_tokens.float(), dim=-1)
         logits = (features @ text.T).permute(0, 2, 1).reshape(images.shape[0], -1, rows, cols)
-        _, patch_labels = first_pass_labels(logits, images, visual.patch_size, config.logit_scale,
-                                            config.sfr_temp_thd, config.sfr_pamr_steps, config.sfr_pamr_dilations)
-        matrices = [sfr_matrix(labels, config.sfr_sigma, config.sfr_delete_same_entity) for labels in patch_labels]
-        return torch.stack([affinity_for_attention(m, config.sfr_affinity_dtype, images.dtype) for m in matrices]
-                           )[:, None]
+        matrices = []
+        for i in range(images.shape[0]):  # one image at a time: the crop-size (Q, h, w) scores of PAMR are large
+            _, labels = first_pass_labels(logits[i : i + 1], images[i : i + 1], visual.patch_size, config.logit_scale,
+                                          config.sfr_temp_thd, config.sfr_pamr_steps, config.sfr_pamr_dilations)
+            matrix = sfr_matrix(labels[0], config.sfr_sigma, config.sfr_delete_same_entity)
+            matrices.append(affinity_for_attention(matrix, config.sfr_affinity_dtype, images.dtype))
+        return torch.stack(matrices)[:, None]
 
     def patch_tokens(
         self, visual: VisionTransformer, images: torch.Tensor, text: torch.Tensor | None
