@@ -211,3 +211,28 @@ def test_ground_truth_is_cropped_like_the_image():
     labels = np.repeat(np.arange(10, dtype=np.int64)[None], 4, axis=0)  # 4 x 10, column index as the label
     cropped = crop_label_map(labels, 4)  # no resize (short side 4), centre crop: columns 3 .. 6
     assert cropped.tolist() == [[3, 4, 5, 6]] * 4 and cropped.dtype == labels.dtype
+
+
+def test_evaluation_scores_the_crop_against_the_cropped_labels(tiny_clip, tmp_path):
+    from itaclip_core.data import get_dataset
+    from itaclip_core.data.synthetic import make_synthetic_dataset
+    from itaclip_core.evaluation import EvalOptions, evaluate
+    from itaclip_core.metrics import IoUAccumulator
+    from itaclip_core.presets import apply_overrides, get_preset
+    from itaclip_core.methods.cliptrase import crop_label_map
+    from itaclip_core.segmentor import Segmentor
+
+    root = make_synthetic_dataset("voc21", tmp_path / "voc", num_images=2, sizes=((120, 160), (150, 100)), easy=True)
+    dataset = get_dataset("voc21", root)
+    config = apply_overrides(get_preset("cliptrase_voc21_224"), ["templates=notebooks/ci_templates.txt"])
+    segmentor = Segmentor(tiny_clip, config, cache_dir=None)
+    options = EvalOptions(out_dir=tmp_path / "run", preset=config.name, weights_id=tiny_clip.weights_id, workers=0,
+                          progress=False, save_vis=1)
+    results = evaluate(segmentor, dataset, options)
+    expected = IoUAccumulator(dataset.num_classes)
+    for index, sample in enumerate(dataset.samples):
+        labels = segmentor.predict(sample.image_path).labels
+        assert labels.shape == (224, 224)
+        expected.update(labels, crop_label_map(dataset.load_label(index), 224))
+    assert results["counts"] == expected.results()["counts"] and results["num_images"] == 2
+    assert (tmp_path / "run" / "vis").is_dir()
