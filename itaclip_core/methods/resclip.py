@@ -22,8 +22,8 @@
      model's dtype.
 
 The official segmentor stores `use_rcs` and `use_sfr` as 1-tuples (a trailing comma), so both are always on; the
-presets reproduce that. The other behaviours are options: RCS alone is `readout=tokens` (without an SFR matrix the `resclip` variant is
-NACLIP's attention), SFR alone is `fuse_blocks=()`.
+presets reproduce that. The other behaviours are options: RCS alone is `readout=tokens` (without an SFR matrix
+the `resclip` variant is NACLIP's attention), SFR alone is `fuse_blocks=()`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from itaclip_core import reference
 from itaclip_core.attention.dense import dense_tokens, last_variant
-from itaclip_core.attention.variants import AttentionContext, get_attention
+from itaclip_core.attention.variants import AttentionContext
 from itaclip_core.inference.sliding import Window, sliding_windows
 from itaclip_core.methods.resclip import affinity_for_attention, sfr_matrix
 from itaclip_core.model.clip import CLIP
