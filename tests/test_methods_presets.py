@@ -124,6 +124,7 @@ GENERAL = [
                              "cliptrase_eps=0.5", "cliptrase_min_samples=2"]),
     ("cliptrase_voc20", ["crop=160", "cliptrase_eps=0.6", "cliptrase_min_samples=3"]),
     ("cliptrase_context59_224", ["protocol=standard", "short_side=180", "refine=selfcorr", "cliptrase_eps=0.5"]),
+    ("scclip_voc20", ["crop=0", "short_side=150"]),  # whole image, non-square grid
 ]
 
 

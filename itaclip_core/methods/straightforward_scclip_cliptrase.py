@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from itaclip_core import reference
-from itaclip_core.inference.sliding import sliding_windows
+from itaclip_core.inference.sliding import Window, sliding_windows
 from itaclip_core.methods import cliptrase as ct
 from itaclip_core.methods.scclip import scclip_tokens
 from itaclip_core.methods.scclip import settings_from as scclip_settings
@@ -34,6 +34,13 @@ def _refined(patches: torch.Tensor, crop: torch.Tensor, text: torch.Tensor, mode
         for refinement in refinements:
             patches = refinement.refine(patches, context)
     return patches
+
+
+def _windows(height: int, width: int, config: SegmentorConfig) -> list[Window]:
+    """The engine's windows: the sliding window, or the whole image when `crop` is 0."""
+    if config.crop == 0:
+        return [Window(0, height, 0, width)]
+    return sliding_windows(height, width, config.crop, config.stride)
 
 
 def _canvas(windows, window_logits, height: int, width: int, original_size: tuple[int, int]) -> torch.Tensor:
@@ -56,7 +63,7 @@ def scclip_predict(model: CLIP, image: torch.Tensor, original_size: tuple[int, i
     image = image[None].to(model.device)
     _, _, height, width = image.shape
     features = text.features.to(model.device, torch.float32)
-    windows = sliding_windows(height, width, config.crop, config.stride)
+    windows = _windows(height, width, config)
     outputs = []
     for w in windows:
         crop = image[:, :, w.y1 : w.y2, w.x1 : w.x2]
@@ -77,7 +84,7 @@ def cliptrase_predict(model: CLIP, image: torch.Tensor, original_size: tuple[int
     image = image[None].to(model.device)
     _, _, height, width = image.shape
     features = text.features.to(model.device, torch.float32)
-    windows = sliding_windows(height, width, config.crop, config.stride)
+    windows = _windows(height, width, config)
     outputs, maps = [], []
     for w in windows:
         crop = image[:, :, w.y1 : w.y2, w.x1 : w.x2]
