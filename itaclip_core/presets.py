@@ -57,11 +57,42 @@ class SegmentorConfig:
     batch_size: int | None = None  # images (windows x views) per forward pass; None: 16 on CPU, 256 on GPU
     text_batch_size: int | None = None  # prompts per forward pass of the text tower; None: 256 CPU, 1024 GPU
     truncate_texts: bool = False  # cut prompts longer than 77 tokens instead of refusing them
+    # --- dense methods and feature refinements (issue 10; see itaclip_core.methods, itaclip_core.refinement) ---
+    readout: str = "tokens"  # dense readout (a name in itaclip_core.methods.DENSE_READOUTS)
+    attention_scale: float = 1.0  # factor on the last block's fused attention (ResCLIP's RCS tau)
+    neighbourhood_sigma: float = 5.0  # NACLIP's Gaussian neighbourhood bias, in patches (variants naclip/resclip)
+    sfr_tau: float = 1.0  # ResCLIP SFR weights [tau, lambda] of the SFR matrix in the last block's logits
+    sfr_lambda: float = 0.0
+    sfr_temp_thd: float = 0.5  # first-pass pixels with a lower top probability get query 0
+    sfr_pamr_steps: int = 10  # PAMR steps of SFR's first pass (ResCLIP always runs 10, dilations 8 and 16)
+    sfr_pamr_dilations: tuple[int, ...] = (8, 16)
+    sfr_delete_same_entity: bool = True  # decay same-label pairs with no straight same-label path
+    sfr_sigma: float = 5.0  # Gaussian row smoothing of the SFR matrix (ResCLIP shares sigma with the bias)
+    sfr_affinity_dtype: str = "float16"  # ResCLIP casts S / max(S) to float16 even in float32 ("model": no cast)
+    sfr_refine_weight: float = 0.5  # weight of S F in the `sfr` feature refinement
+    renormalize: bool = False  # divide the class probabilities by their sum (NACLIP / ResCLIP's seg_logits)
+    refine: tuple[str, ...] = ()  # feature refinements, in order (itaclip_core.refinement.features.REFINEMENTS)
+    selfcorr_temperature: float = 0.05
+    selfcorr_alpha: float = 0.5
+    regional_grid: int = 4
+    regional_overlap: float = 0.25
+    regional_beta: float = 0.6
+    class_separator: str = ", "  # between name variants in class files (ClearCLIP's files: ",")
+    # SC-CLIP and CLIPtrase (issue 10; itaclip_core/methods/scclip.py, cliptrase.py)
+    scclip_detector: str = "lof"  # SC-CLIP anomaly detector: "lof" (official code) or "l2norm" (its first release)
+    scclip_blocks: tuple[int, ...] = (9, 4, 4, 10)  # SC-CLIP: affinity block, post block, multi-level first, last
+    scclip_res_cls: float = 0.3  # SC-CLIP: weight of the class token after the last-block attention
+    cliptrase_eps: float = 1.1  # CLIPtrase: DBSCAN radius
+    cliptrase_min_samples: int = 7  # CLIPtrase: DBSCAN core-point count
+    cliptrase_cls_weighting: bool = False  # CLIPtrase: patch scores times the class token's (official VOC20)
+    protocol: str = "standard"  # "standard": resize, sliding window; "centre_crop": CLIPtrase's script (crop x crop)
 
     def dense_config(self) -> "DenseConfig":
         """The image tower's dense readout for these settings."""
         from itaclip_core.attention.dense import DenseConfig  # torch is imported only when a model is built
+        from itaclip_core.attention.variants import attention_class
 
+        variant = attention_class(self.attention)  # unknown names: an error listing the registered ones
         return DenseConfig(
             variant=self.attention,
             fuse_blocks=tuple(self.fuse_blocks),
@@ -69,6 +100,8 @@ class SegmentorConfig:
             fuse_weight=self.fuse_weight,
             last_residual=self.last_residual,
             last_mlp=self.last_mlp,
+            variant_params=tuple((param, getattr(self, name)) for param, name in variant.settings.items()),
+            attention_scale=self.attention_scale,
         )
 
     def replace(self, **changes: Any) -> "SegmentorConfig":
@@ -113,6 +146,10 @@ def _sclip(name: str, dataset: str, classes: str, background: bool, short_side: 
     )
 
 
+from itaclip_core.methods.presets import zoo_a_presets  # noqa: E402 - needs SegmentorConfig
+
+ZOO_A_PRESETS = zoo_a_presets(SegmentorConfig)  # NACLIP, ClearCLIP, ResCLIP
+
 PRESETS: dict[str, SegmentorConfig] = {
     p.name: p
     for p in [
@@ -135,10 +172,17 @@ PRESETS: dict[str, SegmentorConfig] = {
         _sclip("sclip_cityscapes", "cityscapes", "cls_city_scapes.txt", False, 560),
         _sclip("sclip_ade20k", "ade20k", "cls_ade20k.txt", False, 336),
         # Arbitrary user classes with ITACLIP's architecture and image engineering; no auxiliary text unless given.
+        *ZOO_A_PRESETS,
         SegmentorConfig(name="open_vocab", method="itaclip", dataset=None, classes=None, background=False,
                         short_side=336, stride=28, img_eng_coef=0.75, logit_scale=40, prob_thd=0.0, area_thd=None),
     ]
 }
+
+
+# SC-CLIP and CLIPtrase (issue 10): their presets live in their own module.
+from itaclip_core.methods.scclip_cliptrase_presets import CLIPTRASE_PRESETS, SCCLIP_PRESETS  # noqa: E402
+
+PRESETS.update({p.name: p for p in SCCLIP_PRESETS + CLIPTRASE_PRESETS})
 
 
 def get_preset(name: str) -> SegmentorConfig:

@@ -21,11 +21,14 @@ from tqdm.auto import tqdm
 
 from itaclip_core.errors import ConfigError, UserError, short
 from itaclip_core.inference.engine import DenseInference
+from itaclip_core.methods import get_readout
 from itaclip_core.inference.preprocess import ImageInput, PreparedImage, prepare_image
+from itaclip_core.methods.cliptrase import check_protocol, denormalise_rgb, prepare_centre_crop
 from itaclip_core.model.clip import CLIP
 from itaclip_core.model.weights import default_cache_dir, load_clip
 from itaclip_core.postprocess import postprocess
 from itaclip_core.presets import SegmentorConfig, apply_overrides, get_preset
+from itaclip_core.refinement.features import build_refinements
 from itaclip_core.refinement.pamr import pamr
 from itaclip_core.resources import texts_dir
 from itaclip_core.text.classes import (
@@ -55,6 +58,7 @@ class Prediction:
     # (so with variants they need not sum to 1 over classes), area threshold applied
     class_names: list[str]  # K display names (`background` for a background class)
     name: str = ""  # the image's name, when known
+    image: np.ndarray | None = None  # (H, W, 3) uint8 RGB pixels the labels cover when not the input's (centre crop)
 
     @property
     def height(self) -> int:
@@ -91,16 +95,17 @@ def resolve_text_path(path: str | Path, what: str) -> Path:
 _FILE_NAME = re.compile(r"^[^,|\s]+\.[A-Za-z0-9]{1,5}$|[/\\]")
 
 
-def class_vocabulary(classes: ClassesInput) -> ClassVocabulary:
+def class_vocabulary(classes: ClassesInput, separator: str = ", ") -> ClassVocabulary:
     """The classes a class-name file, a `"cat, dog|puppy"` string or a list names (a string naming an existing
-    file is read as one; one that looks like a missing file name is an error)."""
+    file is read as one; one that looks like a missing file name is an error). `separator` splits a class
+    file's lines into name variants (`SegmentorConfig.class_separator`)."""
     if isinstance(classes, ClassVocabulary):
         return classes
     if isinstance(classes, Path):
-        return read_class_file(resolve_text_path(classes, "class-name file"))
+        return read_class_file(resolve_text_path(classes, "class-name file"), separator)
     if isinstance(classes, str):
         if find_text_file(classes) is not None:
-            return read_class_file(resolve_text_path(classes, "class-name file"))
+            return read_class_file(resolve_text_path(classes, "class-name file"), separator)
         if "," not in classes and "|" not in classes and _FILE_NAME.search(classes.strip()):
             raise TextFileError(
                 f"classes={short(classes)!r} looks like a file name but no such file exists; give an existing "
@@ -154,7 +159,7 @@ def plan_classes(
         config, note = user_classes_config(config)
         if note:
             notes.append(note)
-    vocab = class_vocabulary(classes)
+    vocab = class_vocabulary(classes, config.class_separator)
     background = config.background if background is None else background
     aux_path = config.aux_file if aux_file is True else (aux_file or None)
     aux_texts = None
@@ -205,6 +210,7 @@ class Segmentor:
         self.config = validate_config(get_preset(config) if isinstance(config, str) else config)
         check_against_model(self.config, model)
         self.notes = notes or _warn
+        check_protocol(self.config)
         self.cache_dir = default_cache_dir() if cache_dir is True else (cache_dir or None)
         self.progress = progress
         self.classifier: TextClassifier | None = None
@@ -216,6 +222,8 @@ class Segmentor:
             image_engineering=self.config.image_engineering,
             img_eng_coef=self.config.img_eng_coef,
             batch_size=self.config.batch_size,
+            readout=get_readout(self.config),
+            refinements=build_refinements(self.config),
         )
         if classes is not None or self.config.classes is not None:
             self.set_classes(classes if classes is not None else self.config.classes)
@@ -334,7 +342,10 @@ class Segmentor:
 
     # ----------------------------------------------------------------------------------------------- images
     def prepare(self, image: ImageInput, name: str | None = None) -> PreparedImage:
-        """Decode and resize an image as the protocol does (short side `config.short_side`)."""
+        """Decode and resize an image as the protocol does (short side `config.short_side`; with
+        `protocol=centre_crop`, CLIPtrase's n x n centre crop, n = `config.crop`)."""
+        if self.config.protocol == "centre_crop":
+            return prepare_centre_crop(image, self.config.crop, name=name)
         return prepare_image(image, self.config.short_side, self.config.long_side, name=name)
 
     @torch.no_grad()
@@ -371,11 +382,18 @@ class Segmentor:
             closing=self.config.closing,
             num_classes=self.classifier.num_classes,
         )
+        probs = result.probs
+        if self.config.renormalize:  # after the thresholds, as NACLIP and ResCLIP do: only the probabilities change
+            probs = probs / probs.sum(dim=0, keepdim=True)
+        # A readout may revise the label map with what it saw per window (CLIPtrase's cluster vote).
+        windows = self.engine.windows(*prepared.tensor.shape[-2:])
+        labels = self.engine.readout.revise_labels(result.labels, windows, tuple(prepared.tensor.shape[-2:]))
         return Prediction(
-            labels=result.labels.cpu().numpy().astype(np.int64),
-            probs=result.probs.cpu().numpy(),
+            labels=labels.cpu().numpy().astype(np.int64),
+            probs=probs.cpu().numpy(),
             class_names=list(self.classifier.class_names),
             name=prepared.name,
+            image=denormalise_rgb(prepared.tensor) if self.config.protocol == "centre_crop" else None,
         )
 
     def predict(self, image: ImageInput | Sequence[ImageInput], name: str | None = None) -> Any:
@@ -433,6 +451,11 @@ class Segmentor:
 
     @torch.no_grad()
     def _predict_batch(self, batch: list[PreparedImage], bar: Any) -> Iterator[Prediction]:
+        if not self.engine.readout.shares_batches:  # per-image state between the logits and the labels
+            for prepared in batch:
+                yield self.predict_prepared(prepared)
+                bar.update(1)
+            return
         tensors = [p.tensor.to(self.model.device, torch.float32) for p in batch]
         all_logits = self.engine.logits_many(tensors, self.classifier.features, [p.original_size for p in batch])
         for prepared, image, logits in zip(batch, tensors, all_logits):

@@ -122,6 +122,19 @@ def _attention_names() -> list[str]:
     return list(ATTENTION_VARIANTS)
 
 
+def _readout_names() -> list[str]:
+    from itaclip_core.methods.base import DENSE_READOUTS, _load_builtin
+
+    _load_builtin()
+    return list(DENSE_READOUTS)
+
+
+def _refinement_names() -> list[str]:
+    from itaclip_core.refinement.features import REFINEMENTS
+
+    return list(REFINEMENTS)
+
+
 def _dataset_names() -> list[str]:
     from itaclip_core.data.registry import DATASET_NAMES
 
@@ -138,7 +151,7 @@ CHECKS: dict[str, Check] = {
     "templates": text_file(),
     "short_side": integer_at_least(1),
     "long_side": integer_at_least(1),
-    "crop": integer_at_least(1),
+    "crop": integer_at_least(0),  # 0: the whole image is one window
     "stride": integer_at_least(1),
     "attention": one_of(_attention_names, "attention variant"),
     "fuse_blocks": each(integer_at_least(1)),
@@ -157,6 +170,33 @@ CHECKS: dict[str, Check] = {
     "batch_size": optional(integer_at_least(1)),
     "text_batch_size": optional(integer_at_least(1)),
     "truncate_texts": boolean(),
+    # dense methods and feature refinements
+    "readout": one_of(_readout_names, "dense readout"),
+    "attention_scale": positive_number(),
+    "neighbourhood_sigma": positive_number(),
+    "sfr_tau": number_between(0.0, 1e6),
+    "sfr_lambda": number_between(0.0, 1e6),
+    "sfr_temp_thd": number_between(0.0, 1.0),
+    "sfr_pamr_steps": integer_at_least(0),
+    "sfr_pamr_dilations": each(integer_at_least(1)),
+    "sfr_delete_same_entity": boolean(),
+    "sfr_sigma": positive_number(),
+    "sfr_affinity_dtype": one_of(lambda: ("float16", "model"), "SFR affinity precision"),
+    "sfr_refine_weight": number_between(0.0, 1.0),
+    "renormalize": boolean(),
+    "refine": each(one_of(_refinement_names, "feature refinement")),
+    "selfcorr_temperature": positive_number(),
+    "selfcorr_alpha": number_between(0.0, 1.0),
+    "regional_grid": integer_at_least(1),
+    "regional_overlap": number_between(0.0, 0.99),
+    "regional_beta": number_between(0.0, 1.0),
+    "scclip_detector": one_of(lambda: ("lof", "l2norm"), "SC-CLIP anomaly detector"),
+    "scclip_blocks": each(integer_at_least(1)),
+    "scclip_res_cls": number_between(0.0, 1e6),
+    "cliptrase_eps": positive_number(),
+    "cliptrase_min_samples": integer_at_least(1),
+    "cliptrase_cls_weighting": boolean(),
+    "protocol": one_of(lambda: ("standard", "centre_crop"), "protocol"),
 }
 
 
@@ -170,7 +210,7 @@ class Relation:
 
 
 RELATIONS: list[Relation] = [
-    Relation(("stride", "crop"), lambda c: c.stride <= c.crop,
+    Relation(("stride", "crop"), lambda c: c.crop == 0 or c.stride <= c.crop,
              "stride must not exceed crop (windows would leave pixels uncovered)"),  # fmt: skip
     Relation(("pamr_steps", "pamr_dilations"), lambda c: c.pamr_steps == 0 or len(c.pamr_dilations) > 0,
              "PAMR (pamr_steps > 0) needs at least one dilation in pamr_dilations"),  # fmt: skip
@@ -221,6 +261,8 @@ def validate_config(config: "SegmentorConfig") -> "SegmentorConfig":
                                   cli=f"bad settings (--set {values.replace(', ', ' --set ')}): {relation.message}")
     if problems:
         raise config_error(problems)
+    if config.readout != "tokens" or config.refine:  # the readout's and refinements' own rules (imports torch)
+        check_method_settings(config)
     return config
 
 
@@ -239,10 +281,44 @@ def check_against_model(config: "SegmentorConfig", model: "CLIP") -> None:
                              f"names block(s) {', '.join(map(str, bad))}; this model's image tower has {layers} "
                              f"blocks, so fused blocks must be in 1..{layers - 1}"))  # fmt: skip
     patch = getattr(getattr(model, "config", None), "patch_size", None)
-    if patch is not None and config.crop < patch:
+    if patch is not None and 0 < config.crop < patch:
         problems.append(("crop", config.crop, f"is smaller than the model's {patch}-pixel patches"))
     if problems:
         raise config_error(problems)
+    try:  # the dense readout's own checks of the tower (block numbers beyond its depth, ...)
+        _readout(config).check_model(model)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error), cli=_cli_wording(str(error))) from None
+
+
+def _readout(config: "SegmentorConfig") -> Any:
+    from itaclip_core.methods import get_readout
+
+    return get_readout(config)
+
+
+def _cli_wording(message: str) -> str:
+    """A message of the form `key=value: ...` as the command line says it (`--set key=value: ...`)."""
+    head = message.split(" ", 1)[0]
+    if "=" in head and head.split("=", 1)[0].isidentifier():
+        return "--set " + message
+    return message
+
+
+def check_method_settings(config: "SegmentorConfig") -> None:
+    """The checks of the dense readout and the feature refinements a config names (settings they cannot honour,
+    unknown refinements), as `ConfigError`s. Imports torch."""
+    from itaclip_core.refinement.features import build_refinements
+
+    try:
+        _readout(config)
+        build_refinements(config)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error), cli=_cli_wording(str(error))) from None
 
 
 # ------------------------------------------------------------------------------------------------------ devices

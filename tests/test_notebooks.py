@@ -51,6 +51,9 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "08_speed": ({"timings", "speedup_vs_straightforward", "max_abs_difference", "label_agreement", "num_images"},
                  {"08_throughput.png", "08_memory.png"}),
     "09_explorer": ({"settings", "areas", "updates", "seconds"}, {"09_explorer.png"}),
+    "10_method_zoo": ({"methods", "top10_concentration", "seconds", "areas", "classes_found",
+                       "refinement_pixels_changed"},
+                      {"10_attention.png", "10_segmentation.png", "10_areas.png", "10_refinements.png"}),
     "13_compare": ({"configurations", "paired", "differ_most", "focus", "num_images", "weights_id"},
                    {"13_main.png", "13_heatmap.png", "13_paired.png", "13_focus_distribution.png",
                     "13_focus_gallery.png"}),
@@ -183,6 +186,10 @@ def test_notebook_runs_with_ci_parameters(name: str, ci_run: dict[str, Any]) -> 
         for method in ("naclip", "clearclip", "resclip", "scclip", "cliptrase"):  # a step, or left out with a note
             preset = f"{method}_voc21"
             assert (preset in steps) != any(note.startswith(f"{preset} left out") for note in results["left_out"])
+    if name == "10_method_zoo":
+        assert set(results["methods"]) == set(explore.available_methods())
+        assert {"ITACLIP", "SCLIP", "SC-CLIP", "CLIPtrase"} <= set(results["methods"])
+        assert set(results["refinement_pixels_changed"]) == {"selfcorr", "regional", "sfr", "selfcorr,regional"}
 
 
 @pytest.mark.notebook

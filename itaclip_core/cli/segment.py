@@ -182,7 +182,9 @@ def _segment_all(segmentor: Any, images: list[Path], out: Path, args: argparse.N
         out.mkdir(parents=True, exist_ok=True)
         prediction.name = path.name
         _write_atomically(out / f"{stem}_labels.png", lambda p: save_label_png(p, prediction.labels, colours))
-        shown = overlay(rgb, prediction.labels, prediction.class_names, colours)
+        # The pixels the labels cover: the image, or the crop a protocol scored (CLIPtrase's centre crop).
+        pixels = prediction.image if prediction.image is not None else rgb
+        shown = overlay(pixels, prediction.labels, prediction.class_names, colours)
         _write_atomically(out / f"{stem}_overlay.png", lambda p: save_rgb_png(p, shown))
         record = areas_record(prediction, str(path), segmentor.config.name, segmentor.weights_id)
         _write_atomically(out / f"{stem}_areas.json", lambda p: p.write_text(json.dumps(record, indent=2)))

@@ -71,11 +71,13 @@ class EvalOptions:
 class _EvalItems(Dataset):
     """Loads (index, prepared image, label) for the indices to evaluate; runs in worker processes."""
 
-    def __init__(self, dataset: SegDataset, indices: Sequence[int], short_side: int, long_side: int = 2048) -> None:
+    def __init__(self, dataset: SegDataset, indices: Sequence[int], short_side: int, long_side: int = 2048,
+                 centre_crop: int | None = None) -> None:
         self.dataset = dataset
         self.indices = list(indices)
         self.short_side = short_side
         self.long_side = long_side
+        self.centre_crop = centre_crop  # CLIPtrase's protocol: image and label centre-cropped to n x n
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -86,6 +88,11 @@ class _EvalItems(Dataset):
         index = self.indices[position]
         sample = self.dataset.samples[index]
         try:
+            if self.centre_crop:
+                from itaclip_core.methods.cliptrase import crop_label_map, prepare_centre_crop
+
+                prepared = prepare_centre_crop(sample.image_path, self.centre_crop, name=sample.name)
+                return index, prepared, crop_label_map(self.dataset.load_label(index), self.centre_crop)
             prepared = prepare_image(sample.image_path, self.short_side, self.long_side, name=sample.name)
             return index, prepared, self.dataset.load_label(index)
         except UserError as error:
@@ -124,6 +131,10 @@ def _save_outputs(
         vis.save_label_png(options.save_preds / f"{name}.png", labels, palette)
     if index < options.save_vis:
         image_rgb = cv2.cvtColor(read_image_bgr(dataset.samples[index].image_path), cv2.COLOR_BGR2RGB)
+        if image_rgb.shape[:2] != labels.shape:  # a centre-crop protocol: show the crop that was scored
+            from itaclip_core.methods.cliptrase import centre_crop_image, read_rgb
+
+            image_rgb = np.asarray(centre_crop_image(read_rgb(dataset.samples[index].image_path), labels.shape[0]))
         panel = vis.side_by_side(image_rgb, labels, gt, dataset.class_names, palette=palette,
                                  ignore_index=dataset.ignore_index)  # fmt: skip
         vis.save_rgb_png(options.out_dir / "vis" / f"{name}.png", panel)
@@ -241,7 +252,9 @@ def evaluate(
     palette = vis.palette(num_classes, _palette_name(dataset.name))
     long_side = int(getattr(segmentor.config, "long_side", 2048))
     loader = DataLoader(
-        _EvalItems(dataset, todo, int(segmentor.config.short_side), long_side),
+        _EvalItems(dataset, todo, int(segmentor.config.short_side), long_side,
+                   centre_crop=segmentor.config.crop if getattr(segmentor.config, "protocol", "") == "centre_crop"
+                   else None),
         batch_size=1,
         shuffle=False,
         num_workers=options.workers,

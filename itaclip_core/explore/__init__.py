@@ -9,6 +9,7 @@
 - `evaluation`: evaluation on a dataset subset, the I / T / A ablation of the ITACLIP paper, the auxiliary-text sweep.
 - `comparison`: comparisons of configurations (`itaclip compare`'s machinery) from notebook parameters, the person
   study's steps, error maps of one class.
+- `methods`: the method zoo side by side (settings for typed classes, the attention of one query patch).
 - `speed`: throughput and peak memory (the straightforward algorithm is `itaclip_core.reference`).
 - `notebook_files`: notebooks without outputs: `python -m itaclip_core.explore strip|check notebooks/*.ipynb`.
 
@@ -18,6 +19,7 @@ Everything is available as `itaclip_core.explore.<name>`.
 from itaclip_core.explore.comparison import *  # noqa: F401,F403
 from itaclip_core.explore.evaluation import *  # noqa: F401,F403
 from itaclip_core.explore.image_side import *  # noqa: F401,F403
+from itaclip_core.explore.methods import *  # noqa: F401,F403
 from itaclip_core.explore.notebook_files import *  # noqa: F401,F403
 from itaclip_core.explore.runs import *  # noqa: F401,F403
 from itaclip_core.explore.settings import *  # noqa: F401,F403

@@ -92,15 +92,18 @@ def _check_vocabulary(variants: list[list[str]], source: str, unique: bool) -> C
     return ClassVocabulary(tuple(tuple(names) for names in variants))
 
 
-def read_class_file(path: str | Path) -> ClassVocabulary:
-    """Parse a class-name file exactly as the published code does (`line.split(', ')`)."""
+def read_class_file(path: str | Path, separator: str = ", ") -> ClassVocabulary:
+    """Parse a class-name file exactly as the published code does (`line.split(', ')`; ClearCLIP splits on `,`,
+    which `separator=","` reproduces: the names are stripped either way)."""
     path = Path(path)
     lines = _read_lines(path, "class-name file")
     while lines and not lines[-1].strip():
         lines.pop()
     # Names are stripped (the Context60 files end with "wood "); the tokenizer strips whitespace anyway, so the
     # encoded queries are the same as the published code's.
-    variants = [[name.strip() for name in line.rstrip("\r").split(", ")] for line in lines]
+    if not separator:
+        raise ValueError("class_separator must not be empty (the published files use ', '; ClearCLIP's ',')")
+    variants = [[name.strip() for name in line.rstrip("\r").split(separator)] for line in lines]
     # The published files repeat some names across classes (COCO-Object lists "bed" as background and as a
     # class): they are kept as they are.
     return _check_vocabulary(variants, str(path), unique=False)
