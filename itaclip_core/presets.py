@@ -180,9 +180,9 @@ PRESETS: dict[str, SegmentorConfig] = {
 
 
 # SC-CLIP and CLIPtrase (issue 10): their presets live in their own module.
-from itaclip_core.methods.scclip_cliptrase_presets import CLIPTRASE_PRESETS, SCCLIP_PRESETS  # noqa: E402
+from itaclip_core.methods.scclip_cliptrase_presets import scclip_cliptrase_presets  # noqa: E402
 
-PRESETS.update({p.name: p for p in SCCLIP_PRESETS + CLIPTRASE_PRESETS})
+PRESETS.update({p.name: p for group in scclip_cliptrase_presets(SegmentorConfig) for p in group})
 
 
 def get_preset(name: str) -> SegmentorConfig:

@@ -122,19 +122,6 @@ def _attention_names() -> list[str]:
     return list(ATTENTION_VARIANTS)
 
 
-def _readout_names() -> list[str]:
-    from itaclip_core.methods.base import DENSE_READOUTS, _load_builtin
-
-    _load_builtin()
-    return list(DENSE_READOUTS)
-
-
-def _refinement_names() -> list[str]:
-    from itaclip_core.refinement.features import REFINEMENTS
-
-    return list(REFINEMENTS)
-
-
 def _dataset_names() -> list[str]:
     from itaclip_core.data.registry import DATASET_NAMES
 
@@ -170,33 +157,26 @@ CHECKS: dict[str, Check] = {
     "batch_size": optional(integer_at_least(1)),
     "text_batch_size": optional(integer_at_least(1)),
     "truncate_texts": boolean(),
-    # dense methods and feature refinements
-    "readout": one_of(_readout_names, "dense readout"),
-    "attention_scale": positive_number(),
-    "neighbourhood_sigma": positive_number(),
-    "sfr_tau": number_between(0.0, 1e6),
-    "sfr_lambda": number_between(0.0, 1e6),
+    # dense methods and feature refinements: the readouts and refinements check their own names and ranges
+    # (`check_method_settings`); the rows below are the plain types and ranges
+        "attention_scale": positive_number(),
     "sfr_temp_thd": number_between(0.0, 1.0),
     "sfr_pamr_steps": integer_at_least(0),
     "sfr_pamr_dilations": each(integer_at_least(1)),
     "sfr_delete_same_entity": boolean(),
     "sfr_sigma": positive_number(),
-    "sfr_affinity_dtype": one_of(lambda: ("float16", "model"), "SFR affinity precision"),
     "sfr_refine_weight": number_between(0.0, 1.0),
     "renormalize": boolean(),
-    "refine": each(one_of(_refinement_names, "feature refinement")),
     "selfcorr_temperature": positive_number(),
     "selfcorr_alpha": number_between(0.0, 1.0),
     "regional_grid": integer_at_least(1),
     "regional_overlap": number_between(0.0, 0.99),
     "regional_beta": number_between(0.0, 1.0),
-    "scclip_detector": one_of(lambda: ("lof", "l2norm"), "SC-CLIP anomaly detector"),
     "scclip_blocks": each(integer_at_least(1)),
     "scclip_res_cls": number_between(0.0, 1e6),
     "cliptrase_eps": positive_number(),
     "cliptrase_min_samples": integer_at_least(1),
     "cliptrase_cls_weighting": boolean(),
-    "protocol": one_of(lambda: ("standard", "centre_crop"), "protocol"),
 }
 
 
@@ -210,7 +190,7 @@ class Relation:
 
 
 RELATIONS: list[Relation] = [
-    Relation(("stride", "crop"), lambda c: c.crop == 0 or c.stride <= c.crop,
+    Relation(("stride", "crop"), lambda c: c.crop == 0 or c.protocol != "standard" or c.stride <= c.crop,
              "stride must not exceed crop (windows would leave pixels uncovered)"),  # fmt: skip
     Relation(("pamr_steps", "pamr_dilations"), lambda c: c.pamr_steps == 0 or len(c.pamr_dilations) > 0,
              "PAMR (pamr_steps > 0) needs at least one dilation in pamr_dilations"),  # fmt: skip
@@ -261,8 +241,8 @@ def validate_config(config: "SegmentorConfig") -> "SegmentorConfig":
                                   cli=f"bad settings (--set {values.replace(', ', ' --set ')}): {relation.message}")
     if problems:
         raise config_error(problems)
-    if config.readout != "tokens" or config.refine:  # the readout's and refinements' own rules (imports torch)
-        check_method_settings(config)
+    if config.readout != "tokens" or config.refine or config.protocol != "standard":  # imports torch
+        check_method_settings(config)  # the readout's and the refinements' own rules
     return config
 
 
@@ -313,6 +293,9 @@ def check_method_settings(config: "SegmentorConfig") -> None:
     from itaclip_core.refinement.features import build_refinements
 
     try:
+        from itaclip_core.methods.cliptrase import check_protocol
+
+        check_protocol(config)
         _readout(config)
         build_refinements(config)
     except ConfigError:

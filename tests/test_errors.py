@@ -128,7 +128,9 @@ CLI_ROWS = [
     # ------------------------------------------------------------------ segment: settings
     ("seg-stride-0", SEG + " --set stride=0", 2, "--set stride=0 must be an integer of at least 1"),
     ("seg-stride-text", SEG + " --set stride=x", 2, "cannot read 'x' for stride"),
-    ("seg-crop-0", SEG + " --set crop=0", 2, "--set crop=0"),
+    ("seg-crop-negative", SEG + " --set crop=-1", 2, "--set crop=-1"),
+    ("seg-readout-unknown", SEG + " --set readout=nope", 2, "--set readout=nope"),
+    ("seg-refine-unknown", SEG + " --set refine=selfcorr,nope", 2, "--set refine="),
     ("seg-short-side-negative", SEG + " --set short_side=-5", 2, "--set short_side=-5"),
     ("seg-stride-over-crop", SEG + " --set stride=300", 2, "stride must not exceed crop"),
     ("seg-attention", SEG + " --set attention=nope", 2, "not a known attention variant"),

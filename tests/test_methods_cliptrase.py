@@ -100,7 +100,9 @@ def _segmentor(tiny_clip, preset: str, *overrides: str):
     from itaclip_core.presets import apply_overrides, get_preset
     from itaclip_core.segmentor import Segmentor
 
-    return Segmentor(tiny_clip, apply_overrides(get_preset(preset), [f"classes={SCRIPT_ORDER}", *overrides]),
+    # The script's order puts the background words on the last line: class 0 is no background class there.
+    settings = [f"classes={SCRIPT_ORDER}", "background=false", *overrides]
+    return Segmentor(tiny_clip, apply_overrides(get_preset(preset), settings),
                      cache_dir=None)
 
 

@@ -95,9 +95,11 @@ def test_standard_protocol_from_the_cli(tmp_path):
 
 def test_a_bad_setting_is_reported_without_output(tmp_path, capsys):
     out = tmp_path / "out"
+    Image.fromarray(np.zeros((40, 50, 3), dtype=np.uint8)).save(tmp_path / "x.png")
     assert main(["segment", str(tmp_path / "x.png"), "--preset", "scclip_voc21", "--weights", "random-tiny",
                  "--out", str(out), "--set", "scclip_detector=iforest", "--no-progress"]) == 2
-    assert "scclip_detector must be one of lof, l2norm" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "scclip_detector must be one of lof, l2norm" in err
     assert not out.exists()
 
 
@@ -138,7 +140,7 @@ def test_batched_engine_equals_the_straightforward_route(random_clip, blocky_ima
     prepared = segmentor.prepare(blocky_image)
     prediction = segmentor.predict_prepared(prepared)
     probs, labels = straightforward.predict(random_clip, prepared.tensor, prepared.original_size,
-                                            segmentor.classifier, config)
+                                            segmentor.classifier, segmentor.config)  # own classes: no thresholds
     assert np.abs(prediction.probs - probs.numpy()).max() < 1e-4
     assert (prediction.labels == labels).mean() >= 0.9999
     if config.readout == "cliptrase":  # the vote acted, so the equality above covers it

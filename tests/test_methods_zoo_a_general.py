@@ -45,7 +45,7 @@ def test_batched_engine_equals_the_straightforward_route(random_clip, image, pre
     prepared = segmentor.prepare(image)
     prediction = segmentor.predict_prepared(prepared)
     probs, labels = straightforward.predict(random_clip, prepared.tensor, prepared.original_size,
-                                            segmentor.classifier, config)
+                                            segmentor.classifier, segmentor.config)  # own classes: no thresholds
     assert np.abs(prediction.probs - probs.numpy()).max() < 1e-4
     assert (prediction.labels == labels).mean() >= 0.9999
     if config.renormalize:
@@ -92,7 +92,7 @@ def test_official_code_options_change_the_output(tiny_clip, golden_forward):
 
 @pytest.mark.parametrize("overrides,message", [
     (["readout=nope"], "readout='nope': unknown dense readout; registered: cliptrase, resclip, scclip, tokens"),
-    (["attention=nope"], "unknown attention variant 'nope'; registered: .*naclip.*resclip"),
+    (["attention=nope"], "attention='nope' is not a known attention variant; choose one of .*naclip.*resclip"),
     (["sfr_affinity_dtype=half"], "sfr_affinity_dtype='half': allowed float16, model"),
     (["attention=naclip"], "attention='naclip' does not fit readout=resclip.*allowed: attention=resclip"),
     (["sfr_lambda=1.5"], "sfr_lambda=1.5: must be in \\[0, 1\\]"),

@@ -43,13 +43,13 @@ def test_predict_many_equals_one_by_one(segmentor, images):
 
 def test_windows_of_several_images_share_forward_passes(segmentor, images, monkeypatch):
     calls: list[int] = []
-    original = segmentor.engine.window_features
+    original = segmentor.engine.readout.window_logits
 
-    def counting(crops):
+    def counting(engine, crops, text, refinements=()):
         calls.append(crops.shape[0])
-        return original(crops)
+        return original(engine, crops, text, refinements)
 
-    monkeypatch.setattr(segmentor.engine, "window_features", counting)
+    monkeypatch.setattr(segmentor.engine.readout, "window_logits", counting)
     same_size = [images[3], images[3][::-1].copy(), images[3][:, ::-1].copy()]
     segmentor.predict_many(same_size, batch_size=3)
     windows = len(segmentor.engine.windows(*segmentor.prepare(same_size[0]).tensor.shape[-2:]))

@@ -15,7 +15,10 @@ side 336, window n, stride n / 2.
 
 from __future__ import annotations
 
-from itaclip_core.presets import SegmentorConfig
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from itaclip_core.presets import SegmentorConfig
 
 # dataset -> (class file, background, short side, logit scale, prob_thd, area_thd); SC-CLIP's configs.
 _SCCLIP = {
@@ -36,9 +39,9 @@ _CLIPTRASE = {"voc21": True, "voc20": False, "context60": True, "context59": Fal
 CLIPTRASE_SIZES = {336: (1.1, 7), 224: (0.7, 3)}
 
 
-def _scclip(dataset: str) -> SegmentorConfig:
+def _scclip(dataset: str, config_class: type["SegmentorConfig"]) -> "SegmentorConfig":
     classes, background, short_side, logit_scale, prob_thd, area_thd = _SCCLIP[dataset]
-    return SegmentorConfig(
+    return config_class(
         name=f"scclip_{dataset}", method="scclip", readout="scclip", dataset=dataset, classes=f"class_names/scclip/{classes}",
         background=background, short_side=short_side, crop=224, stride=112, attention="selfself", fuse_blocks=(),
         last_residual=False, last_mlp=False, image_engineering=False, pamr_steps=0, logit_scale=logit_scale,
@@ -46,10 +49,10 @@ def _scclip(dataset: str) -> SegmentorConfig:
     )
 
 
-def _cliptrase(dataset: str, size: int) -> SegmentorConfig:
+def _cliptrase(dataset: str, size: int, config_class: type["SegmentorConfig"]) -> "SegmentorConfig":
     eps, min_samples = CLIPTRASE_SIZES[size]
     suffix = "" if size == 336 else f"_{size}"
-    return SegmentorConfig(
+    return config_class(
         name=f"cliptrase_{dataset}{suffix}", method="cliptrase", readout="cliptrase", dataset=dataset,
         classes=f"class_names/cliptrase/cls_{dataset}.txt", background=_CLIPTRASE[dataset], short_side=336,
         crop=size, stride=size // 2, attention="selfself", fuse_blocks=(), last_residual=True, last_mlp=True,
@@ -59,5 +62,20 @@ def _cliptrase(dataset: str, size: int) -> SegmentorConfig:
     )
 
 
-SCCLIP_PRESETS = [_scclip(dataset) for dataset in _SCCLIP]
-CLIPTRASE_PRESETS = [_cliptrase(dataset, size) for dataset in _CLIPTRASE for size in (336, 224)]
+def scclip_cliptrase_presets(
+    config_class: type["SegmentorConfig"],
+) -> tuple[list["SegmentorConfig"], list["SegmentorConfig"]]:
+    """The SC-CLIP and the CLIPtrase presets (`itaclip_core.presets` passes its `SegmentorConfig`, which this module
+    cannot import at its top without a cycle)."""
+    scclip = [_scclip(dataset, config_class) for dataset in _SCCLIP]
+    cliptrase = [_cliptrase(dataset, size, config_class) for dataset in _CLIPTRASE for size in (336, 224)]
+    return scclip, cliptrase
+
+
+def __getattr__(name: str) -> Any:  # SCCLIP_PRESETS, CLIPTRASE_PRESETS: the registered presets
+    if name in ("SCCLIP_PRESETS", "CLIPTRASE_PRESETS"):
+        from itaclip_core.presets import PRESETS
+
+        prefix = "scclip_" if name == "SCCLIP_PRESETS" else "cliptrase_"
+        return [preset for key, preset in PRESETS.items() if key.startswith(prefix)]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
