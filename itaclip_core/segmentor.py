@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from itaclip_core.inference.engine import DenseInference
-from itaclip_core.inference.preprocess import ImageInput, PreparedImage, prepare_image
+from itaclip_core.inference.preprocess import ImageInput, PreparedImage, denormalise, prepare_image, to_bgr_uint8
+from itaclip_core.masks.maskset import MaskSet
+from itaclip_core.masks.stage import MaskStage, resize_masks
 from itaclip_core.model.clip import CLIP
 from itaclip_core.model.weights import default_cache_dir, load_clip
 from itaclip_core.postprocess import postprocess
@@ -45,6 +47,8 @@ class Prediction:
     probs: np.ndarray  # (K, H, W) float32 class probabilities (softmax, variant max, area threshold)
     class_names: list[str]  # K display names
     name: str = ""  # the image's name, when known
+    masks: MaskSet | None = None  # the mask proposals used (mask modes), at the original size
+    regions: np.ndarray | None = None  # (H, W) their partition (0 = uncovered, i + 1 = mask i on top)
 
     def areas(self) -> dict[str, float]:
         """Fraction of the image each class covers, for the classes present, largest first."""
@@ -83,6 +87,7 @@ class Segmentor:
         classes: ClassesInput | None = None,
         cache_dir: str | Path | None | bool = True,
         progress: bool = False,
+        masks: str | None = None,
     ) -> None:
         """
         Args:
@@ -90,11 +95,15 @@ class Segmentor:
             config: a `SegmentorConfig` or a preset name.
             classes: the classes (a class file, `"cat, dog"`, a list, or lists of variants); default: the config's
                 class file. Settable later with `set_classes`.
-            cache_dir: where text embeddings are cached (True: the default cache; False/None: no cache).
+            cache_dir: where text embeddings (and generated masks) are cached (True: the default cache; False/None:
+                no cache).
             progress: show progress bars while encoding texts.
+            masks: a mask source (`superpixels`, `sam`, `sam2` or a folder) overriding the config's `masks`.
         """
         self.model = model.eval()
         self.config = get_preset(config) if isinstance(config, str) else config
+        if masks is not None:
+            self.config = self.config.replace(masks=str(masks))
         self.cache_dir = default_cache_dir() if cache_dir is True else (cache_dir or None)
         self.progress = progress
         self.classifier: TextClassifier | None = None
@@ -107,6 +116,7 @@ class Segmentor:
             img_eng_coef=self.config.img_eng_coef,
             batch_size=self.config.batch_size,
         )
+        self.mask_stage = MaskStage(self.config, self.cache_dir, device=model.device, progress=progress)
         if classes is not None or self.config.classes is not None:
             self.set_classes(classes if classes is not None else self.config.classes)
 
@@ -121,9 +131,13 @@ class Segmentor:
         dtype: torch.dtype | str | None = None,
         cache_dir: str | Path | None | bool = True,
         progress: bool = False,
+        masks: str | None = None,
     ) -> "Segmentor":
         """Load the weights and build a segmentor from a preset, with `key=value` overrides."""
         config = apply_overrides(get_preset(preset), overrides)
+        if masks is not None:
+            config = config.replace(masks=str(masks))
+        MaskStage(config, None)  # the mask settings are checked before the weights are loaded
         model = load_clip(weights, device=device, dtype=dtype, progress=progress)
         return cls(model, config, classes=classes, cache_dir=cache_dir, progress=progress)
 
@@ -198,9 +212,22 @@ class Segmentor:
             logits = pamr(guide, logits[None], self.config.pamr_steps, self.config.pamr_dilations)[0]
         return logits
 
+    def image_masks(self, prepared: PreparedImage, masks: Any = None) -> MaskSet | None:
+        """The masks of a prepared image at its original size: `masks` as given (checked), else the configured
+        source's. Without the original pixels the source sees the protocol-resized image, and its masks are
+        nearest-resized to the original size."""
+        if masks is not None:
+            return self.mask_stage.resolve(masks, prepared.original_size)
+        if self.mask_stage.source is None:
+            return None
+        generated = self.mask_stage.generate(denormalise(prepared.tensor), prepared.name or None)
+        return resize_masks(generated, prepared.original_size)
+
     @torch.no_grad()
-    def predict_prepared(self, prepared: PreparedImage) -> Prediction:
-        """Segment an already prepared image."""
+    def predict_prepared(self, prepared: PreparedImage, masks: Any = None) -> Prediction:
+        """Segment an already prepared image; `masks` (a MaskSet, boolean (K, H, W), label map or SAM's mask
+        dicts, at the original size) replace the configured mask source's."""
+        mask_set = self.image_masks(prepared, masks)
         logits = self.query_logits(prepared)
         result = postprocess(
             logits,
@@ -211,13 +238,31 @@ class Segmentor:
             closing=self.config.closing,
             num_classes=self.classifier.num_classes,
         )
+        labels = result.labels.cpu().numpy().astype(np.int64)
+        regions = None
+        if mask_set is not None:
+            regions = self.mask_stage.regions(mask_set)
+            if self.mask_stage.votes:
+                labels = self.mask_stage.vote(labels, regions, result.probs, logits,
+                                              self.classifier.query_to_class)
         return Prediction(
-            labels=result.labels.cpu().numpy().astype(np.int64),
+            labels=labels,
             probs=result.probs.cpu().numpy(),
             class_names=list(self.classifier.class_names),
             name=prepared.name,
+            masks=mask_set,
+            regions=regions,
         )
 
-    def predict(self, image: ImageInput, name: str | None = None) -> Prediction:
-        """Segment an image given as a path, a PIL image or an RGB array."""
-        return self.predict_prepared(self.prepare(image, name=name))
+    def predict(self, image: ImageInput, name: str | None = None, masks: Any = None) -> Prediction:
+        """Segment an image given as a path, a PIL image or an RGB array.
+
+        `masks`: the image's own mask proposals (a boolean (K, H, W) array, a label map with 0 = uncovered, or the
+        list of dicts of SAM's / SAM 2's automatic mask generators), used instead of the configured source."""
+        if name is None and isinstance(image, (str, Path)):
+            name = Path(image).name
+        rgb = np.ascontiguousarray(to_bgr_uint8(image)[:, :, ::-1])
+        prepared = self.prepare(rgb, name=name)
+        if masks is None and self.mask_stage.source is not None:
+            masks = self.mask_stage.generate(rgb, name)  # from the original pixels
+        return self.predict_prepared(prepared, masks=masks)

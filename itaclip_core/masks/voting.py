@@ -142,7 +142,7 @@ def _class_scores(query_scores: torch.Tensor, query_to_class: Sequence[int] | No
     if query_to_class is None:
         scores = query_scores
     else:
-        index = torch.as_tensor(np.asarray(query_to_class), dtype=torch.long, device=query_scores.device)
+        index = torch.as_tensor(query_to_class).to(device=query_scores.device, dtype=torch.long)
         classes = int(index.max()) + 1
         scores = torch.full((query_scores.shape[0], classes), float("-inf"), device=query_scores.device)
         scores.scatter_reduce_(1, index.expand_as(query_scores), query_scores, "amax")
