@@ -185,25 +185,7 @@ class SamSource(_GeneratorSource):
                             "or multimask_output=true")
 
     def build_model(self) -> torch.nn.Module:
-        segment_anything = require("sam", what="the sam mask source")
-        seed = _tiny_seed(self.checkpoint)
-        if seed is not None:
-            return tiny_sam(seed)
-        path = self._checkpoint_path()
-        state = _read_checkpoint(path)
-        found = _sam_type(state) if isinstance(state, dict) else None
-        if found != self.model_name:
-            raise CheckpointError(f"{path} is {_describe(state)}, not a SAM {self.model_name} checkpoint: "
-                                  + (f"set mask_model={found}" if found else
-                                     "use masks=sam2 for SAM 2 checkpoints" if "SAM 2" in _describe(state) else
-                                     f"give a SAM checkpoint ({', '.join(SAM_MODELS)})"))
-        model = segment_anything.sam_model_registry[self.model_name](checkpoint=None)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as error:
-            raise CheckpointError(f"{path} does not fit SAM {self.model_name} ({error})") from None
-        self._weights_id = str(path)
-        return model
+        return load_sam(self.model_name, self.checkpoint, self.cache_dir, self.progress)
 
     def mask_generator(self) -> Any:
         if self._generator is None:
@@ -308,4 +290,31 @@ def tiny_sam2(seed: int = 0, apply_postprocessing: bool = True) -> torch.nn.Modu
                                  hydra_overrides_extra=overrides, apply_postprocessing=apply_postprocessing)
     finally:
         torch.random.set_rng_state(state)
+    return model.eval()
+
+
+def load_sam(model_name: str = "vit_b", checkpoint: str | Path | None = None, cache_dir: str | Path | None = None,
+             progress: bool = True, setting: str = "mask_model") -> torch.nn.Module:
+    """A SAM model: `random-tiny[:SEED]`, a checkpoint path, or (None) the official checkpoint from the cache.
+    A checkpoint of another model type is refused with a message naming what it is."""
+    segment_anything = require("sam", what="SAM")
+    if model_name not in SAM_MODELS:
+        raise MaskError(f"{setting} {model_name!r} is not a SAM model; use one of {', '.join(SAM_MODELS)}")
+    seed = _tiny_seed(checkpoint)
+    if seed is not None:
+        return tiny_sam(seed)
+    path = Path(checkpoint).expanduser() if checkpoint is not None else \
+        fetch_checkpoint(SAM_MODELS[model_name], cache_dir, progress)
+    state = _read_checkpoint(path)
+    found = _sam_type(state) if isinstance(state, dict) else None
+    if found != model_name:
+        raise CheckpointError(f"{path} is {_describe(state)}, not a SAM {model_name} checkpoint: "
+                              + (f"set {setting}={found}" if found else
+                                 "use masks=sam2 for SAM 2 checkpoints" if "SAM 2" in _describe(state) else
+                                 f"give a SAM checkpoint ({', '.join(SAM_MODELS)})"))
+    model = segment_anything.sam_model_registry[model_name](checkpoint=None)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit SAM {model_name} ({error})") from None
     return model.eval()
