@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from itaclip_core.attention.dense import DenseConfig
+from itaclip_core.attention.variants import attention_class
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,26 @@ class SegmentorConfig:
     batch_size: int | None = None  # images (windows x views) per forward pass; None: 16 on CPU, 256 on GPU
     text_batch_size: int | None = None  # prompts per forward pass of the text tower; None: 256 CPU, 1024 GPU
     truncate_texts: bool = False  # cut prompts longer than 77 tokens instead of refusing them
+    # --- dense methods and feature refinements (issue 10; see itaclip_core.methods, itaclip_core.refinement) ---
+    readout: str = "tokens"  # dense readout (a name in itaclip_core.methods.DENSE_READOUTS)
+    attention_scale: float = 1.0  # factor on the last block's fused attention (ResCLIP's RCS tau)
+    neighbourhood_sigma: float = 5.0  # NACLIP's Gaussian neighbourhood bias, in patches (variants naclip/resclip)
+    sfr_tau: float = 1.0  # ResCLIP SFR weights [tau, lambda] of the SFR matrix in the last block's logits
+    sfr_lambda: float = 0.0
+    sfr_temp_thd: float = 0.5  # first-pass pixels with a lower top probability get query 0
+    sfr_pamr_steps: int = 10  # PAMR steps of SFR's first pass (ResCLIP always runs 10, dilations 8 and 16)
+    sfr_pamr_dilations: tuple[int, ...] = (8, 16)
+    sfr_delete_same_entity: bool = True  # decay same-label pairs with no straight same-label path
+    sfr_sigma: float = 5.0  # Gaussian row smoothing of the SFR matrix (ResCLIP shares sigma with the bias)
+    sfr_affinity_dtype: str = "float16"  # ResCLIP casts S / max(S) to float16 even in float32 ("model": no cast)
+    sfr_refine_weight: float = 0.5  # weight of S F in the `sfr` feature refinement
+    renormalize: bool = False  # divide the class probabilities by their sum (NACLIP / ResCLIP's seg_logits)
+    refine: tuple[str, ...] = ()  # feature refinements, in order (itaclip_core.refinement.features.REFINEMENTS)
+    selfcorr_temperature: float = 0.05
+    selfcorr_alpha: float = 0.5
+    regional_grid: int = 4
+    regional_overlap: float = 0.25
+    regional_beta: float = 0.6
     # Mask proposals (itaclip_core.masks): where masks come from and what they are used for
     masks: str | None = None  # mask source: superpixels, sam, sam2, or a folder of <stem>.png/.npz; None: no masks
     mask_use: str = "vote"  # vote (relabel each mask), attention (mask-scoped last block), proxy (ProxyCLIP)
@@ -78,6 +99,7 @@ class SegmentorConfig:
 
     def dense_config(self) -> DenseConfig:
         """The image tower's dense readout for these settings."""
+        variant = attention_class(self.attention)  # unknown names: an error listing the registered ones
         return DenseConfig(
             variant=self.attention,
             fuse_blocks=tuple(self.fuse_blocks),
@@ -85,6 +107,8 @@ class SegmentorConfig:
             fuse_weight=self.fuse_weight,
             last_residual=self.last_residual,
             last_mlp=self.last_mlp,
+            variant_params=tuple((param, getattr(self, name)) for param, name in variant.settings.items()),
+            attention_scale=self.attention_scale,
         )
 
     def replace(self, **changes: Any) -> "SegmentorConfig":

@@ -17,13 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from itaclip_core.inference.engine import DenseInference
+from itaclip_core.methods import get_readout
 from itaclip_core.inference.preprocess import ImageInput, PreparedImage, denormalise, prepare_image, to_bgr_uint8
 from itaclip_core.masks.maskset import MaskSet
+from itaclip_core.masks.readouts import readout_config
 from itaclip_core.masks.stage import MaskStage, resize_masks
 from itaclip_core.model.clip import CLIP
 from itaclip_core.model.weights import default_cache_dir, load_clip
 from itaclip_core.postprocess import postprocess
 from itaclip_core.presets import SegmentorConfig, apply_overrides, get_preset
+from itaclip_core.refinement.features import build_refinements
 from itaclip_core.refinement.pamr import pamr
 from itaclip_core.resources import texts_dir
 from itaclip_core.text.classes import (
@@ -115,6 +118,8 @@ class Segmentor:
             image_engineering=self.config.image_engineering,
             img_eng_coef=self.config.img_eng_coef,
             batch_size=self.config.batch_size,
+            readout=get_readout(readout_config(self.config)),
+            refinements=build_refinements(self.config),
         )
         self.mask_stage = MaskStage(self.config, self.cache_dir, device=model.device, progress=progress)
         if classes is not None or self.config.classes is not None:
@@ -201,12 +206,16 @@ class Segmentor:
         return prepare_image(image, self.config.short_side, self.config.long_side, name=name)
 
     @torch.no_grad()
-    def query_logits(self, prepared: PreparedImage) -> torch.Tensor:
-        """Per-query similarities (Q, H0, W0) at the original size, after PAMR when enabled."""
+    def query_logits(self, prepared: PreparedImage, regions: np.ndarray | None = None) -> torch.Tensor:
+        """Per-query similarities (Q, H0, W0) at the original size, after PAMR when enabled. `regions`: the masks'
+        region map at the original size, for readouts that use masks (mask attention)."""
         if self.classifier is None:
             raise RuntimeError("no classes are set: call set_classes(...) first")
         image = prepared.tensor.to(self.model.device, torch.float32)
-        logits = self.engine.logits(image, self.classifier.features, prepared.original_size)
+        side = None
+        if regions is not None and self.mask_stage.scopes_attention:
+            side = self.mask_stage.regions_at(regions, tuple(image.shape[-2:])).to(self.model.device)
+        logits = self.engine.logits(image, self.classifier.features, prepared.original_size, side=side)
         if self.config.pamr_steps > 0:
             guide = F.interpolate(image[None], size=prepared.original_size, mode="bilinear")  # (1, 3, H0, W0)
             logits = pamr(guide, logits[None], self.config.pamr_steps, self.config.pamr_dilations)[0]
@@ -228,7 +237,8 @@ class Segmentor:
         """Segment an already prepared image; `masks` (a MaskSet, boolean (K, H, W), label map or SAM's mask
         dicts, at the original size) replace the configured mask source's."""
         mask_set = self.image_masks(prepared, masks)
-        logits = self.query_logits(prepared)
+        regions = self.mask_stage.regions(mask_set) if mask_set is not None else None
+        logits = self.query_logits(prepared, regions)
         result = postprocess(
             logits,
             self.classifier.query_to_class,
@@ -238,16 +248,16 @@ class Segmentor:
             closing=self.config.closing,
             num_classes=self.classifier.num_classes,
         )
+        probs = result.probs
+        if self.config.renormalize:  # after the thresholds, as NACLIP and ResCLIP do: only the probabilities change
+            probs = probs / probs.sum(dim=0, keepdim=True)
         labels = result.labels.cpu().numpy().astype(np.int64)
-        regions = None
-        if mask_set is not None:
-            regions = self.mask_stage.regions(mask_set)
+        if regions is not None:
             if self.mask_stage.votes:
-                labels = self.mask_stage.vote(labels, regions, result.probs, logits,
-                                              self.classifier.query_to_class)
+                labels = self.mask_stage.vote(labels, regions, probs, logits, self.classifier.query_to_class)
         return Prediction(
             labels=labels,
-            probs=result.probs.cpu().numpy(),
+            probs=probs.cpu().numpy(),
             class_names=list(self.classifier.class_names),
             name=prepared.name,
             masks=mask_set,

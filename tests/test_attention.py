@@ -8,6 +8,7 @@ import torch
 from itaclip_core.attention import (
     ATTENTION_VARIANTS,
     DENSE_METHODS,
+    AttentionContext,
     AttentionVariant,
     DenseConfig,
     attention_maps,
@@ -41,10 +42,13 @@ def test_dense_tokens_match_the_published_code(tiny_clip, golden_forward, key, i
 def test_fast_path_equals_explicit_map(name):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 17, 8) for _ in range(3))
-    variant = get_attention(name)
-    attention = variant.attention_map(q, k)
+    # 17 tokens: the class token and a 4x4 grid; extras as a dense readout would provide them
+    context = AttentionContext(rows=4, cols=4, extras={"sfr_affinity": torch.rand(2, 1, 17, 17)})
+    cls = ATTENTION_VARIANTS[name]
+    variant = get_attention(name, **{p: 0.7 for p in cls.settings})
+    attention = variant.attention_map(q, k, context)
     assert attention.shape == (2, 3, 17, 17)
-    assert torch.allclose(variant.apply(q, k, v), attention @ v, atol=1e-5)
+    assert torch.allclose(variant.apply(q, k, v, context), attention @ v, atol=1e-5)
 
 
 def test_self_self_map_rows_sum_to_two_and_qk_to_one():

@@ -4,17 +4,27 @@ All windows of the image, and all views of each window, go through the image tow
 images; their patch features are mixed (image engineering), projected on the text classifier once per window, and
 stitched exactly (`itaclip_core.inference.sliding.stitch`). Memory is bounded by the batch size and by one
 (windows, queries, rows, cols) tensor of patch logits.
+
+What happens to a batch of windows is the dense readout's business (`itaclip_core.methods`, chosen by
+`SegmentorConfig.readout`; default `tokens`): the engine asks it for per-window patch logits, passing the text
+features and the configured feature refinements (`itaclip_core.refinement.features`). `crop=0` processes the whole
+image as one window (NACLIP's and ResCLIP's VOC settings).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from itaclip_core.attention.dense import DenseConfig, dense_tokens
+from typing import TYPE_CHECKING, Sequence
+
+from itaclip_core.attention.dense import DenseConfig
 from itaclip_core.inference.sliding import Window, sliding_windows, stitch
-from itaclip_core.inference.views import VIEW_NAMES, make_views, mix_views
+from itaclip_core.inference.views import VIEW_NAMES
 from itaclip_core.model.clip import CLIP
+
+if TYPE_CHECKING:
+    from itaclip_core.methods.base import DenseReadout
+    from itaclip_core.refinement.features import FeatureRefinement
 
 
 class DenseInference:
@@ -29,6 +39,8 @@ class DenseInference:
         image_engineering: bool = True,
         img_eng_coef: float = 0.75,
         batch_size: int | None = None,
+        readout: "DenseReadout | None" = None,
+        refinements: Sequence["FeatureRefinement"] = (),
     ) -> None:
         """
         Args:
@@ -38,6 +50,8 @@ class DenseInference:
             image_engineering: use the five views of every window.
             img_eng_coef: weight of the original/gray/blur views against the flipped ones.
             batch_size: images (windows x views) per forward pass; bounds memory. None: 16 on CPU, 256 on GPU.
+            readout: the dense readout (default: the `tokens` readout of `dense`).
+            refinements: feature refinements applied, in order, to every window's patch features.
         """
         if batch_size is None:
             batch_size = 256 if model.device.type == "cuda" else 16
@@ -50,46 +64,58 @@ class DenseInference:
         self.image_engineering = image_engineering
         self.img_eng_coef = img_eng_coef
         self.batch_size = batch_size
+        if readout is None:
+            from itaclip_core.methods.base import TokensReadout
+            from itaclip_core.presets import SegmentorConfig
+
+            readout = TokensReadout(SegmentorConfig(), dense)
+        self.readout = readout
+        self.refinements = list(refinements)
+        if self.refinements and not readout.accepts_refinements:
+            readout.check(readout.config)
 
     @property
     def num_views(self) -> int:
         return len(VIEW_NAMES) if self.image_engineering else 1
 
     @torch.no_grad()
-    def window_features(self, crops: torch.Tensor) -> torch.Tensor:
-        """Mixed, L2-normalised patch features of crops (N, 3, h, w): (N, rows, cols, D) float32."""
-        visual = self.model.visual
-        rows, cols = visual.grid_size(crops.shape[-2], crops.shape[-1])
-        per_chunk = max(1, self.batch_size // self.num_views)
-        chunks = []
-        for start in range(0, crops.shape[0], per_chunk):
-            chunk = crops[start : start + per_chunk].to(self.model.device)  # (n, 3, h, w)
-            views = make_views(chunk, self.image_engineering).to(self.model.dtype)  # (V * n, 3, h, w)
-            tokens = dense_tokens(visual, views, self.dense)[:, 1:].float()  # (V * n, rows * cols, D)
-            tokens = F.normalize(tokens, dim=-1).view(self.num_views, chunk.shape[0], rows, cols, -1)
-            mixed = mix_views(tokens, self.img_eng_coef) if self.image_engineering else tokens[0]
-            chunks.append(mixed)  # (n, rows, cols, D)
-        return torch.cat(chunks)
+    def window_features(self, crops: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Mixed, L2-normalised patch features of crops (N, 3, h, w): (N, rows, cols, D) float32, before the
+        feature refinements (readouts that need the text, such as ResCLIP's, need `text_features`)."""
+        if text_features is not None:
+            text_features = text_features.to(self.model.device, torch.float32)
+        return self.readout.window_features(self, crops, text_features)
 
     def windows(self, height: int, width: int) -> list[Window]:
+        if self.crop == 0:
+            return [Window(0, height, 0, width)]
         return sliding_windows(height, width, self.crop, self.stride)
 
     @torch.no_grad()
-    def patch_logits(self, image: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, list[Window]]:
-        """Similarities of every window's patches with every query: ((N, Q, rows, cols) float32, windows)."""
+    def patch_logits(
+        self, image: torch.Tensor, text_features: torch.Tensor, side: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[Window]]:
+        """Similarities of every window's patches with every query: ((N, Q, rows, cols) float32, windows).
+
+        `side`: optional per-pixel data aligned with the image, (h, w) or (C, h, w) (e.g. mask region ids), cropped
+        per window like the image and given to the readout as `side=` (N, ..., h_crop, w_crop)."""
         height, width = image.shape[-2:]
         windows = self.windows(height, width)
         crops = torch.stack([image[:, w.y1 : w.y2, w.x1 : w.x2] for w in windows])  # (N, 3, h, w)
-        features = self.window_features(crops)  # (N, rows, cols, D)
-        logits = features @ text_features.to(features.device, torch.float32).T  # (N, rows, cols, Q)
-        return logits.permute(0, 3, 1, 2), windows
+        extra = {}
+        if side is not None:
+            extra["side"] = torch.stack([side[..., w.y1 : w.y2, w.x1 : w.x2] for w in windows])
+        logits = self.readout.window_logits(self, crops, text_features, self.refinements, **extra)  # (N, Q, r, c)
+        return logits, windows
 
     @torch.no_grad()
     def logits(
-        self, image: torch.Tensor, text_features: torch.Tensor, original_size: tuple[int, int]
+        self, image: torch.Tensor, text_features: torch.Tensor, original_size: tuple[int, int],
+        side: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-query similarities (Q, H0, W0) float32 of a normalised image (3, h, w) at its original size."""
+        """Per-query similarities (Q, H0, W0) float32 of a normalised image (3, h, w) at its original size
+        (`side`: per-pixel data for the readout, see `patch_logits`)."""
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
-        patch_logits, windows = self.patch_logits(image, text_features)
+        patch_logits, windows = self.patch_logits(image, text_features, side)
         return stitch(patch_logits, windows, tuple(image.shape[-2:]), original_size)

@@ -54,7 +54,10 @@ def _to_unit_rgb(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * std + mean) / 255.0
 
 
-def _imagenet(images: torch.Tensor) -> torch.Tensor:
+def _imagenet(images: torch.Tensor, patch: int = 1) -> torch.Tensor:
+    """ImageNet-normalised images, cut to a multiple of `patch` (the remainder is dropped, as CLIP's patch
+    convolution drops it)."""
+    images = images[..., : images.shape[-2] // patch * patch, : images.shape[-1] // patch * patch]
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (_to_unit_rgb(images) - mean) / std
@@ -99,7 +102,7 @@ class DinoProxy:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = _imagenet(images).to(next(self.model.parameters()).device)
+        x = _imagenet(images, self.patch).to(next(self.model.parameters()).device)
         tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens:]
         return tokens, self.grid(images.shape[-2], images.shape[-1])
 
@@ -108,7 +111,7 @@ class DinoProxy:
         captured: list[torch.Tensor] = []
         handle = self.model.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
-            self.model.forward_features(_imagenet(images).to(next(self.model.parameters()).device))
+            self.model.forward_features(_imagenet(images, self.patch).to(next(self.model.parameters()).device))
         finally:
             handle.remove()  # one hook per call: hooks never accumulate across windows
         qkv = captured[0][:, self.model.num_prefix_tokens:]  # (B, N, 3 C)

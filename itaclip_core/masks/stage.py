@@ -37,6 +37,10 @@ def check_mask_settings(config: Any) -> None:
         raise MaskError(f"mask_min_area must be >= 0, got {config.mask_min_area}")
     if config.mask_generator is not None and config.mask_generator not in GENERATOR_PRESETS:
         raise MaskError(f"mask_generator {config.mask_generator!r} is not one of {', '.join(GENERATOR_PRESETS)}")
+    from itaclip_core.masks.proxy import PROXY_MODELS
+
+    if config.proxy_model not in PROXY_MODELS:
+        raise MaskError(f"proxy_model {config.proxy_model!r} is not one of {', '.join(PROXY_MODELS)}")
     if config.mask_correlation not in CORRELATIONS:
         raise MaskError(f"mask_correlation {config.mask_correlation!r} is not one of {', '.join(CORRELATIONS)}")
 
@@ -66,6 +70,18 @@ class MaskStage:
     def votes(self) -> bool:
         """Whether the final labels are voted: `mask_use=vote`, or mask attention with its final vote."""
         return self.config.mask_use == "vote" or (self.config.mask_use == "attention" and self.config.mask_final_vote)
+
+    @property
+    def scopes_attention(self) -> bool:
+        """Whether the masks go into the tower (mask attention)."""
+        return self.config.mask_use == "attention"
+
+    @staticmethod
+    def regions_at(regions: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        """A region map nearest-resized to `size` (H, W), as an int64 tensor."""
+        resized = regions if regions.shape == tuple(size) else cv2.resize(
+            regions.astype(np.int32), (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+        return torch.from_numpy(np.ascontiguousarray(resized).astype(np.int64))
 
     @property
     def source(self) -> MaskSource | None:

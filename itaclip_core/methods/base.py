@@ -1,0 +1,159 @@
+"""Dense readouts ("dense methods"): how a batch of windows becomes per-window patch logits, in a registry.
+
+Most methods are an attention variant plus a `DenseConfig` (NACLIP, ClearCLIP, SCLIP, ITACLIP) and use the default
+readout, `tokens`. A method whose readout is more than one pass of the tower (ResCLIP's semantic feedback needs a
+first pass with the text features and PAMR; SC-CLIP repairs tokens and fuses levels; CLIPtrase clusters patches
+after text matching) is one `DenseReadout` class, registered under a name and chosen by `SegmentorConfig.readout`.
+The engine (`itaclip_core.inference.engine.DenseInference`) only ever calls `window_logits`; it has no per-method
+branches.
+
+The interface, for a batch of n windows (crops) of one size, h x w pixels, rows x cols patches:
+
+    @register_readout("my-method")
+    class MyReadout(DenseReadout):
+        needs_text = True                      # window_features gets the text features
+        accepts_refinements = True             # patch features exist, so feature refinements may follow
+
+        def patch_tokens(self, visual, images, text):  # images (B, 3, h, w) in the model dtype
+            ...                                # -> (B, rows * cols, D) patch tokens, not normalised
+
+- `patch_tokens(visual, images, text)`: the tower's dense output for a batch of images (windows or their views).
+  The default runs `dense_tokens` with the config's `DenseConfig` and drops the class token. The stages of
+  `itaclip_core.attention.dense` (`run_trunk`, `advance`, `last_block`, `AttentionContext.extras`) are there to
+  build other readouts from.
+- `window_features(engine, crops, text)`: (n, rows, cols, D) L2-normalised patch features per window, the views of
+  image engineering mixed (`engine.image_engineering`); the default calls `patch_tokens` on the views in batches.
+- `window_logits(engine, crops, text, refinements)`: (n, Q, rows, cols) float32 similarities of every patch with
+  every text query. The default is `window_features`, then the configured feature refinements in order, then the
+  product with the text features. A readout that makes logits some other way (clusters, votes) overrides this
+  and sets `accepts_refinements = False`; a configured refinement is then refused with a clear error.
+- `check(config)`: refuse settings the readout cannot honour, before any work (a ValueError naming the setting
+  and the allowed values).
+
+Readouts are built by `get_readout(config)` with the `SegmentorConfig` and its `DenseConfig`; they read their
+settings from the config.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from itaclip_core.attention.dense import DenseConfig, dense_tokens
+from itaclip_core.inference.views import make_views, mix_views
+from itaclip_core.model.clip import VisionTransformer
+
+if TYPE_CHECKING:
+    from itaclip_core.inference.engine import DenseInference
+    from itaclip_core.presets import SegmentorConfig
+    from itaclip_core.refinement.features import FeatureRefinement
+
+DENSE_READOUTS: dict[str, type["DenseReadout"]] = {}
+
+_R = TypeVar("_R", bound=type["DenseReadout"])
+
+
+def register_readout(name: str) -> Callable[[_R], _R]:
+    """Class decorator adding a dense readout to `DENSE_READOUTS` under `name`."""
+
+    def decorator(cls: _R) -> _R:
+        if name in DENSE_READOUTS:
+            raise ValueError(f"dense readout {name!r} is already registered")
+        cls.name = name
+        DENSE_READOUTS[name] = cls
+        return cls
+
+    return decorator
+
+
+def readout_class(name: str) -> type["DenseReadout"]:
+    """The readout registered as `name` (a ValueError listing the registered names if there is none)."""
+    _load_builtin()
+    try:
+        return DENSE_READOUTS[name]
+    except KeyError:
+        raise ValueError(f"readout={name!r}: unknown dense readout; registered: {', '.join(sorted(DENSE_READOUTS))}"
+                         ) from None
+
+
+def get_readout(config: "SegmentorConfig", dense: DenseConfig | None = None) -> "DenseReadout":
+    """The readout `config.readout` for these settings, checked."""
+    readout = readout_class(config.readout)(config, dense if dense is not None else config.dense_config())
+    readout.check(config)
+    return readout
+
+
+def _load_builtin() -> None:
+    """Import the modules that register the built-in readouts."""
+    import itaclip_core.methods.resclip  # noqa: F401
+
+
+class DenseReadout:
+    """Base class and the default readout's behaviour; see the module docstring."""
+
+    name: ClassVar[str] = ""
+    needs_text: ClassVar[bool] = False  # window_features / patch_tokens need the text features
+    accepts_refinements: ClassVar[bool] = True  # window_logits goes through patch features
+
+    def __init__(self, config: "SegmentorConfig", dense: DenseConfig) -> None:
+        self.config = config
+        self.dense = dense
+
+    def check(self, config: "SegmentorConfig") -> None:
+        """Refuse settings this readout cannot honour (ValueError naming the setting and the allowed values)."""
+        if config.refine and not self.accepts_refinements:
+            raise ValueError(f"refine={','.join(config.refine)}: the {self.name!r} readout produces patch logits "
+                             "without patch features, so no feature refinement fits it; allowed: refine=none")
+
+    def patch_tokens(
+        self, visual: VisionTransformer, images: torch.Tensor, text: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, rows * cols, D) patch tokens of images (B, 3, h, w), not normalised."""
+        return dense_tokens(visual, images, self.dense)[:, 1:]
+
+    @torch.no_grad()
+    def window_features(
+        self, engine: "DenseInference", crops: torch.Tensor, text: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mixed, L2-normalised patch features of crops (n, 3, h, w): (n, rows, cols, D) float32."""
+        if self.needs_text and text is None:
+            raise ValueError(f"the {self.name!r} readout needs the text features to compute patch features")
+        model = engine.model
+        visual = model.visual
+        rows, cols = visual.grid_size(crops.shape[-2], crops.shape[-1])
+        num_views = engine.num_views
+        per_chunk = max(1, engine.batch_size // num_views)
+        chunks = []
+        for start in range(0, crops.shape[0], per_chunk):
+            chunk = crops[start : start + per_chunk].to(model.device)  # (m, 3, h, w)
+            views = make_views(chunk, engine.image_engineering).to(model.dtype)  # (V * m, 3, h, w)
+            tokens = self.patch_tokens(visual, views, text).float()  # (V * m, rows * cols, D)
+            tokens = F.normalize(tokens, dim=-1).view(num_views, chunk.shape[0], rows, cols, -1)
+            chunks.append(mix_views(tokens, engine.img_eng_coef) if engine.image_engineering else tokens[0])
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def window_logits(
+        self,
+        engine: "DenseInference",
+        crops: torch.Tensor,
+        text: torch.Tensor,
+        refinements: Sequence["FeatureRefinement"] = (),
+    ) -> torch.Tensor:
+        """(n, Q, rows, cols) float32 similarities of every window's patches with every query."""
+        from itaclip_core.refinement.features import RefineContext
+
+        text = text.to(engine.model.device, torch.float32)
+        features = self.window_features(engine, crops, text)  # (n, rows, cols, D)
+        if refinements:
+            context = RefineContext(crops.to(engine.model.device), text, self.config, engine.model.visual.patch_size)
+            for refinement in refinements:
+                features = refinement.refine(features, context)
+        return (features @ text.T).permute(0, 3, 1, 2)
+
+
+@register_readout("tokens")
+class TokensReadout(DenseReadout):
+    """The tower's dense tokens under the `DenseConfig` (ITACLIP, SCLIP, NACLIP, ClearCLIP): the default."""

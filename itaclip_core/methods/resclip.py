@@ -1,0 +1,1 @@
+"""ResCLIP (placeholder while the readout is written)."""
