@@ -235,3 +235,9 @@ def apply_overrides(config: SegmentorConfig, overrides: Iterable[str] | dict[str
         changes[key] = _parse_value(value, key)
     return config.replace(**changes)
 
+
+
+# Mask-guided methods (ProxyCLIP, CorrCLIP style): itaclip_core/masks/presets.py
+from itaclip_core.masks.presets import MASK_PRESETS  # noqa: E402
+
+PRESETS.update({preset.name: preset for preset in MASK_PRESETS})
