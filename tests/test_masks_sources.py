@@ -119,6 +119,15 @@ def test_cache_generates_once_regenerates_on_changes_and_torn_files(tmp_path, im
     assert cache.get(image) is not None and source.calls == 3  # rewritten whole
 
 
+def test_cache_keeps_an_empty_mask_set(tmp_path):
+    from itaclip_core.masks import MaskSet
+    from itaclip_core.masks.cache import load_mask_set, save_mask_set
+
+    save_mask_set(tmp_path / "empty.npz", MaskSet(np.zeros((0, 5, 7), dtype=bool)))
+    loaded = load_mask_set(tmp_path / "empty.npz")
+    assert loaded is not None and loaded.masks.shape == (0, 5, 7) and loaded.scores is None
+
+
 def test_sam_end_to_end_on_a_tiny_random_model(image, tmp_path):
     pytest.importorskip("segment_anything", reason="the sam extra (segment-anything) is not installed")
     source = build_mask_source("sam", checkpoint="random-tiny", generator_args=TINY_ARGS, device="cpu")

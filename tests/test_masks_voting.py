@@ -155,3 +155,17 @@ def test_mask_inputs_and_their_errors():
         as_mask_set(np.full((1, 2, 2), 3))
     with pytest.raises(MaskError, match="segmentation"):
         as_mask_set([{"area": 3}])
+
+
+def test_outlines_mark_the_pixels_before_each_region_change():
+    from itaclip_core.vis import draw_outlines, outline_mask, overlay
+
+    regions = np.array([[1, 1, 2], [1, 1, 2], [0, 0, 0]])
+    expected = np.array([[False, True, True], [True, True, True], [False, False, False]])
+    assert np.array_equal(outline_mask(regions), expected)
+    image = np.zeros((3, 3, 3), dtype=np.uint8)
+    drawn = draw_outlines(image, regions, colour=(255, 0, 0))
+    assert (drawn[expected] == (255, 0, 0)).all() and (drawn[~expected] == 0).all()
+    plain = overlay(image, np.zeros((3, 3), dtype=np.int64), ["a"], legend=False)
+    outlined = overlay(image, np.zeros((3, 3), dtype=np.int64), ["a"], legend=False, outlines=regions)
+    assert (outlined[expected] == 255).all() and np.array_equal(outlined[~expected], plain[~expected])

@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Sequence
 
-_COMMAND_MODULES = ("segment", "eval", "data", "texts")
+_COMMAND_MODULES = ("segment", "eval", "data", "texts", "masks")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,13 +16,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from itaclip_core.inference.preprocess import ImageReadError, read_image_bgr
+from itaclip_core.masks.extras import ExtraNotInstalledError
+from itaclip_core.masks.maskset import MaskError
 from itaclip_core.model.checkpoint import CheckpointError
 from itaclip_core.model.weights import ChecksumError, WeightsUnavailableError
 from itaclip_core.presets import list_presets
 from itaclip_core.text.classes import TextFileError
 from itaclip_core.text.tokenizer import TokenizerError
 
-USER_ERRORS = (CheckpointError, WeightsUnavailableError, ChecksumError, TextFileError, TokenizerError, ValueError)
+USER_ERRORS = (CheckpointError, WeightsUnavailableError, ChecksumError, TextFileError, TokenizerError, ValueError,
+               ExtraNotInstalledError)
+# Errors that concern the whole run (weights, extras): they stop the loop; the images finished so far are kept.
+FATAL_ERRORS = (CheckpointError, WeightsUnavailableError, ChecksumError, ExtraNotInstalledError)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="model precision (default: float16 on CUDA, float32 on CPU)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the preset (repeatable), e.g. --set stride=56")
+    parser.add_argument("--masks", default=None, metavar="SOURCE",
+                        help="mask proposals: superpixels, sam, sam2, or a folder of <stem>.png / <stem>.npz masks "
+                        "(same as --set masks=SOURCE)")
+    parser.add_argument("--mask-use", default=None, choices=["vote", "attention", "proxy"],
+                        help="what the masks are for: vote (relabel each mask, default), attention (mask-scoped "
+                        "last block), proxy (ProxyCLIP's proxy attention; needs no masks)")
+    parser.add_argument("--draw-masks", action="store_true", help="draw the mask outlines on the overlay")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--save-npz", action="store_true", help="also save probabilities and labels as .npz")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -73,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
               "or a benchmark --preset", file=sys.stderr)
         return 2
     overrides = list(args.overrides) + ([f"aux_file={args.aux}"] if args.aux is not None else [])
+    overrides += [f"masks={args.masks}"] if args.masks is not None else []
+    overrides += [f"mask_use={args.mask_use}"] if args.mask_use is not None else []
     try:
         segmentor = Segmentor.from_preset(
             preset, weights=args.weights, device=args.device, overrides=overrides, classes=classes,
@@ -86,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     # Black (the VOC colour of index 0) is kept for a background class; other vocabularies start at a colour.
     colours = palette(segmentor.num_classes) if segmentor.config.background else palette(segmentor.num_classes + 1)[1:]
     failures: list[tuple[Path, str]] = []
+    finished = 0
     for image_path, stem in tqdm(list(zip(args.images, _output_stems(args.images))), desc="images", unit="img",
                                  disable=args.no_progress):
         try:
@@ -93,10 +108,19 @@ def run(args: argparse.Namespace) -> int:
         except ImageReadError as error:
             failures.append((image_path, str(error)))
             continue
-        prediction = segmentor.predict(bgr[:, :, ::-1].copy(), name=image_path.name)
+        try:
+            prediction = segmentor.predict(bgr[:, :, ::-1].copy(), name=image_path.name)
+        except MaskError as error:  # this image's masks (missing or wrong-sized file): skip it
+            failures.append((image_path, str(error)))
+            continue
+        except FATAL_ERRORS as error:
+            print(f"itaclip segment: {error}", file=sys.stderr)
+            print(f"stopped after {finished} image(s); their outputs are kept in {args.out}", file=sys.stderr)
+            return 2
         save_label_png(args.out / f"{stem}_labels.png", prediction.labels, colours)
+        outlines = prediction.regions if args.draw_masks else None
         save_rgb_png(args.out / f"{stem}_overlay.png",
-                     overlay(bgr[:, :, ::-1], prediction.labels, prediction.class_names, colours))
+                     overlay(bgr[:, :, ::-1], prediction.labels, prediction.class_names, colours, outlines=outlines))
         counts = np.bincount(prediction.labels.ravel(), minlength=segmentor.num_classes)
         areas = {
             "image": str(image_path),
@@ -110,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         if args.save_npz:
             np.savez_compressed(args.out / f"{stem}.npz", probs=prediction.probs, labels=prediction.labels,
                                 class_names=np.array(prediction.class_names))
+        finished += 1
     done = len(args.images) - len(failures)
     print(f"segmented {done} of {len(args.images)} image(s) into {args.out}")
     for path, message in failures:

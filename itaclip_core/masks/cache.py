@@ -47,7 +47,7 @@ def save_mask_set(path: Path, masks: MaskSet) -> None:
         count, height, width = masks.masks.shape
         np.savez_compressed(
             tmp,
-            packed=np.packbits(masks.masks.reshape(count, -1), axis=1),
+            packed=np.packbits(masks.masks.reshape(count, height * width), axis=1),
             shape=np.array([count, height, width], dtype=np.int64),
             scores=masks.scores if masks.scores is not None else np.zeros(0, dtype=np.float32),
             has_scores=np.array(masks.scores is not None),

@@ -100,8 +100,10 @@ class MaskStage:
         return self._source.generate(image_rgb, name)
 
     def resolve(self, masks: Any, size: tuple[int, int]) -> MaskSet:
-        """User-given masks (boolean (K, H, W), label map, SAM dicts or a MaskSet) checked against the image size."""
-        return as_mask_set(masks, size, what="masks given to predict")
+        """User-given masks (boolean (K, H, W), label map, SAM dicts or a MaskSet) checked against the image size.
+        An array, label map or list without any mask is refused; a `MaskSet` (what the sources produce) may be
+        empty: a generator that finds nothing leaves the dense prediction as it is."""
+        return as_mask_set(masks, size, what="masks given to predict", allow_empty=isinstance(masks, MaskSet))
 
     def regions(self, masks: MaskSet) -> np.ndarray:
         """The masks' partition (region map, 0 = uncovered) under the configured order and minimum area."""
