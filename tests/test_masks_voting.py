@@ -161,7 +161,7 @@ def test_outlines_mark_the_pixels_before_each_region_change():
     from itaclip_core.vis import draw_outlines, outline_mask, overlay
 
     regions = np.array([[1, 1, 2], [1, 1, 2], [0, 0, 0]])
-    expected = np.array([[False, True, True], [True, True, True], [False, False, False]])
+    expected = np.array([[False, True, False], [True, True, True], [False, False, False]])
     assert np.array_equal(outline_mask(regions), expected)
     image = np.zeros((3, 3, 3), dtype=np.uint8)
     drawn = draw_outlines(image, regions, colour=(255, 0, 0))
