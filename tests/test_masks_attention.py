@@ -110,6 +110,21 @@ def test_mask_class_tokens_add_one_vector_per_region(tiny_clip):
         assert torch.allclose(rows, rows[:1].expand_as(rows), atol=1e-5)  # constant inside a region: the main
         per_region.append(rows[0])  # and spatial branches are unchanged by the extra tokens
     assert not torch.allclose(per_region[1], per_region[2], atol=1e-4)
+    # The tokens as CorrCLIP builds them: one class-token copy per region prepended to the sequence, attending to
+    # the class token and their region's patches (a boolean mask) in every block, the whole last block included.
+    x = visual.embed(images)
+    count = 3
+    tokens = torch.cat([x[:, :1].expand(-1, count, -1), x], dim=1)
+    size = tokens.shape[1]
+    allowed = torch.zeros(size, size, dtype=torch.bool)
+    allowed[count:, count:] = True
+    allowed[:count, count] = True
+    allowed[:count, count + 1:] = torch.arange(count)[:, None] == ids[None, :]
+    for block in visual.blocks:
+        q, k, v = block.qkv(tokens)
+        tokens = block.attend(tokens, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
+    explicit = visual.head(tokens[0, :count])  # (3, D)
+    assert torch.allclose(torch.stack(per_region), 0.5 * explicit, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

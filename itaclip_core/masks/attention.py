@@ -89,6 +89,13 @@ def _resize_tokens(tokens: torch.Tensor, grid: tuple[int, int], target: tuple[in
     return x.reshape(batch, heads, dim, -1).permute(0, 1, 3, 2)
 
 
+def _queries(block: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Only the queries of `block` for tokens (B, R, width): (B, H, R, hd)."""
+    width = tokens.shape[-1]
+    q = F.linear(block.ln_1(tokens), block.attn.in_proj_weight[:width], block.attn.in_proj_bias[:width])
+    return q.view(tokens.shape[0], tokens.shape[1], block.heads, width // block.heads).transpose(1, 2)
+
+
 def _apply_shared(block: Any, attention: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """out_proj(A V) with one map for all heads: A (B, N, N), V (B, H, N, hd) -> (B, N, width)."""
     out = torch.matmul(attention[:, None].to(values.dtype), values)  # (B, H, N, hd)
@@ -129,32 +136,35 @@ class MaskAttentionReadout:
         x = visual.embed(images)  # (B, 1 + N, width)
         batch, tokens, _ = x.shape
         use_semantic = self.semantic_weight != 0.0
+        count = 0
         if use_semantic:
-            # One class-token copy per region id of each window (padded with copies that see the class token only).
+            # One class-token copy per region id of each window (padding copies see the class token only). Region
+            # tokens attend to the class token and their region's patches and nothing attends to them, so they are
+            # queries only: the main path runs unchanged and each block updates them from its keys and values.
             ids = [torch.unique(r) for r in clip_regions]
             count = max(len(i) for i in ids)
             slot = torch.full((batch, count), -1, dtype=torch.long, device=x.device)
             for b, i in enumerate(ids):
                 slot[b, : len(i)] = i.to(x.device)
-            allowed = torch.zeros(batch, count + tokens, count + tokens, dtype=torch.bool, device=x.device)
-            allowed[:, count:, count:] = True  # class token and patches: among themselves, as in plain CLIP
-            allowed[:, :count, count] = True  # every region token sees the class token
-            allowed[:, :count, count + 1:] = slot[:, :, None] == clip_regions.to(x.device)[:, None, :]
-            mask = allowed[:, None]  # (B, 1, T, T)
-            x = torch.cat([x[:, :1].expand(batch, count, -1), x], dim=1)
-        else:
-            count, mask = 0, None
+            sees = torch.zeros(batch, count, tokens, dtype=torch.bool, device=x.device)
+            sees[:, :, 0] = True
+            sees[:, :, 1:] = slot[:, :, None] == clip_regions.to(x.device)[:, None, :]
+            mask = sees[:, None]  # (B, 1, R, 1 + N)
+            region_tokens = x[:, :1].expand(batch, count, -1)
         spatial_range = set(spatial_blocks(len(blocks)))
         spatial_sum, spatial_n = None, 0
         for number, block in enumerate(blocks[:-1]):
             q, k, v = block.qkv(x)
-            x = block.attend(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+            if use_semantic:
+                out = F.scaled_dot_product_attention(_queries(block, region_tokens), k, v, attn_mask=mask)
+                region_tokens = block.attend(region_tokens, out)
+            x = block.attend(x, F.scaled_dot_product_attention(q, k, v))
             if number in spatial_range and self.spatial_weight != 0.0:
                 spatial_sum = x if spatial_sum is None else spatial_sum + x
                 spatial_n += 1
         last = blocks[-1]
-        q, k, v = last.qkv(x)  # (B, H, T, hd)
-        patches = slice(count + 1, None)
+        q, k, v = last.qkv(x)  # (B, H, 1 + N, hd)
+        patches = slice(1, None)
         if self.correlation is None:
             grid = clip_grid
             feats = F.normalize(_heads_concat(q[:, :, patches] + k[:, :, patches]).float(), dim=-1)
@@ -172,9 +182,8 @@ class MaskAttentionReadout:
             values = _resize_tokens(v_spatial[:, :, patches], clip_grid, grid)
             fused = fused + self.spatial_weight * visual.head(_apply_shared(last, attention, values))
         if use_semantic:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            region_tokens = last.attend(x, out)[:, :count]  # (B, R, width), the whole last block
-            semantic = visual.head(region_tokens)  # (B, R, output_dim)
+            out = F.scaled_dot_product_attention(_queries(last, region_tokens), k, v, attn_mask=mask)
+            semantic = visual.head(last.attend(region_tokens, out))  # (B, R, output_dim): the whole last block
             # Each output patch takes its region's token (none when its region is too small for the CLIP grid).
             match = out_regions.to(slot.device)[:, :, None] == slot[:, None, :]  # (B, N', R)
             index = match.float().argmax(dim=-1)

@@ -6,7 +6,7 @@
 
 Checkpoints: an explicit path, or the official file downloaded into the verified cache (`checkpoints.py`), or
 `random-tiny[:SEED]`, a tiny random-weight model built from the package's own classes (for tests and demos; it
-proposes about one mask per image). Checkpoints are read with `torch.load(weights_only=True)` and loaded strictly;
+proposes about one mask per image), or `random`, the full-size model with seeded random weights (for timing). Checkpoints are read with `torch.load(weights_only=True)` and loaded strictly;
 one of another model type is refused with a message naming what it is. The packages are imported only when a model
 is built, with an error naming the extra when they are missing.
 """
@@ -52,6 +52,17 @@ for _short, _long in _SAM2_SIZES.items():
 SAM2_TRUNKS = {(96, 12): "t", (96, 16): "s", (112, 24): "b+", (144, 48): "l"}
 
 TINY = "random-tiny"
+RANDOM = "random"  # the full-size model with seeded random weights (for timing)
+
+
+def _seeded(build: Any, seed: int = 0) -> Any:
+    """Run `build` under a fixed torch seed, restoring the global generator afterwards."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def _tiny_seed(checkpoint: str | Path | None) -> int | None:
@@ -137,6 +148,11 @@ class _GeneratorSource(MaskSource):
         seed = _tiny_seed(self.checkpoint)
         settings["model"] = self.model_name if seed is None else f"{TINY}:{seed}"
         settings["checkpoint"] = None if self.checkpoint is None or seed is not None else str(self.checkpoint)
+        if self.checkpoint is not None and seed is None and str(self.checkpoint) != RANDOM:
+            path = Path(self.checkpoint).expanduser()
+            if path.is_file():  # a changed file under the same name is a changed setting
+                stat = path.stat()
+                settings["checkpoint_file"] = [stat.st_size, stat.st_mtime_ns]
         return settings
 
     def _checkpoint_path(self) -> Path:
@@ -213,6 +229,9 @@ class Sam2Source(_GeneratorSource):
         seed = _tiny_seed(self.checkpoint)
         if seed is not None:
             return tiny_sam2(seed, apply_postprocessing=config.apply_postprocessing)
+        if str(self.checkpoint) == RANDOM:
+            return _seeded(lambda: build.build_sam2(self.models[self.model_name][0], ckpt_path=None, device="cpu",
+                                                    apply_postprocessing=config.apply_postprocessing)).eval()
         path = self._checkpoint_path()
         loaded = _read_checkpoint(path)
         state = loaded.get("model") if isinstance(loaded, dict) else None
@@ -303,6 +322,8 @@ def load_sam(model_name: str = "vit_b", checkpoint: str | Path | None = None, ca
     seed = _tiny_seed(checkpoint)
     if seed is not None:
         return tiny_sam(seed)
+    if str(checkpoint) == RANDOM:
+        return _seeded(lambda: segment_anything.sam_model_registry[model_name](checkpoint=None)).eval()
     path = Path(checkpoint).expanduser() if checkpoint is not None else \
         fetch_checkpoint(SAM_MODELS[model_name], cache_dir, progress)
     state = _read_checkpoint(path)
