@@ -51,6 +51,9 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "08_speed": ({"timings", "speedup_vs_straightforward", "max_abs_difference", "label_agreement", "num_images"},
                  {"08_throughput.png", "08_memory.png"}),
     "09_explorer": ({"settings", "areas", "updates", "seconds"}, {"09_explorer.png"}),
+    "11_masks": ({"masks_per_source", "generation_seconds", "pixels_changed_by_vote", "attention_inside_mask",
+                  "areas"},
+                 {"11_proposals.png", "11_partition.png", "11_vote.png", "11_scoped_attention.png", "11_areas.png"}),
 }  # fmt: skip
 SCORE_KEYS = ("mIoU", "mAcc", "aAcc")
 

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-size", action="store_true", help="also SAM ViT-B and SAM 2.1 Hiera-T, random "
                         "weights at full size (slow on CPUs)")
     parser.add_argument("--points-per-side", type=int, default=8, help="SAM / SAM 2 prompt grid (default 8)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the dense run (open_vocab), e.g. --set stride=56")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args(argv)
@@ -107,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             first_masks = masks
 
     model = load_clip(args.weights, device=args.device, progress=False)
-    base = get_preset("open_vocab")
+    base = apply_overrides(get_preset("open_vocab"), args.overrides)
     segmentor = Segmentor(model, base, classes=args.classes, cache_dir=None)
     dense_seconds, dense = _timed(lambda: segmentor.predict(rgb), repeats=1)
-    print(f"\ndense ITACLIP run ({args.weights}, open_vocab): {dense_seconds:.2f} s")
+    print(f"\ndense ITACLIP run ({args.weights}, open_vocab {' '.join(args.overrides)}): {dense_seconds:.2f} s")
     results["dense_seconds"] = dense_seconds
     assert first_masks is not None, "no source produced masks"
     labels, probs = dense.labels, torch.from_numpy(dense.probs)
