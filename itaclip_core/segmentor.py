@@ -227,8 +227,11 @@ class Segmentor:
         nearest-resized to the original size."""
         if masks is not None:
             return self.mask_stage.resolve(masks, prepared.original_size)
-        if self.mask_stage.source is None:
+        source = self.mask_stage.source
+        if source is None:
             return None
+        if not source.needs_pixels:  # read by name (a folder), checked against the original size
+            return source.load(prepared.name or None, prepared.original_size)
         generated = self.mask_stage.generate(denormalise(prepared.tensor), prepared.name or None)
         return resize_masks(generated, prepared.original_size)
 

@@ -113,3 +113,18 @@ def test_missing_extra_offline_checkpoint_and_bad_settings_are_clear(images, tmp
     assert "pip install 'itaclip-core[sam]'" in capsys.readouterr().err
     assert main(["segment", str(images[0]), "--masks", "sam", "--out", str(tmp_path / "o"), *SEGMENT]) == 2
     assert "itaclip-core[sam]" in capsys.readouterr().err
+
+
+def test_eval_with_precomputed_masks_from_masks_generate(tmp_path, capsys):
+    from itaclip_core.data.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset("voc21", tmp_path / "voc", num_images=2, sizes=((64, 80), (56, 72)), easy=True)
+    folder = tmp_path / "masks"
+    assert main(["masks", "generate", "--data-root", str(root), "--dataset", "voc21", "--generator", "superpixels",
+                 "--out", str(folder), "--no-progress"]) == 0
+    assert len(list(folder.glob("*.npz"))) == 2
+    code = main(["eval", "--preset", "itaclip_voc21", "--data-root", str(root), "--weights", "random-tiny",
+                 "--set", f"masks={folder}", "--set", "stride=112", "--set", "pamr_steps=0", "--set",
+                 "short_side=112", "--set", "templates=notebooks/ci_templates.txt", "--workers", "0", "-q",
+                 "--out", str(tmp_path / "eval")])
+    assert code == 0, capsys.readouterr().err

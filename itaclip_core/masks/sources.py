@@ -55,6 +55,7 @@ class MaskSource:
     default_generator: ClassVar[str | None] = None  # a GENERATOR_PRESETS name
     config_type: ClassVar[type | None] = None
     cacheable: ClassVar[bool] = True  # generated masks are worth caching on disk
+    needs_pixels: ClassVar[bool] = True  # False: masks are read by name (`load`), the pixels are not needed
 
     def __init__(self, generator: str | GeneratorConfig | None = None, generator_args: Iterable[str] = (),
                  **_: Any) -> None:
@@ -82,6 +83,10 @@ class MaskSource:
     def generate(self, image_rgb: np.ndarray, name: str | None = None) -> MaskSet:
         """Masks of an (H, W, 3) uint8 RGB image; `name` is the image's file name when known."""
         raise NotImplementedError
+
+    def load(self, name: str | None, size: tuple[int, int]) -> MaskSet:
+        """Masks by image name and size, for sources that do not need the pixels (`needs_pixels = False`)."""
+        raise NotImplementedError(f"the {self.name} source needs the image's pixels")
 
 
 def _check_image(image_rgb: np.ndarray) -> np.ndarray:
@@ -151,6 +156,7 @@ class FolderSource(MaskSource):
     """Precomputed masks in a folder: `<image stem>.png` or `<image stem>.npz` (module docstring)."""
 
     cacheable = False
+    needs_pixels = False
 
     def __init__(self, directory: str | Path | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -172,14 +178,17 @@ class FolderSource(MaskSource):
         raise MaskError(f"no masks for image {name!r} in {self.directory}: expected {stem}.png (label map) or "
                         f"{stem}.npz (boolean (K, H, W) masks)")
 
-    def generate(self, image_rgb: np.ndarray, name: str | None = None) -> MaskSet:
+    def load(self, name: str | None, size: tuple[int, int]) -> MaskSet:
+        """The masks of the image called `name`, checked against its size (H, W)."""
         if not name:
             raise MaskError("the folder mask source needs the image's file name to find <stem>.png / <stem>.npz; "
                             "pass name=... to predict")
-        image = _check_image(image_rgb)
-        result = read_mask_file(self.find(name), image.shape[:2])
+        result = read_mask_file(self.find(name), size)
         result.source = f"folder:{self.directory}"
         return result
+
+    def generate(self, image_rgb: np.ndarray, name: str | None = None) -> MaskSet:
+        return self.load(name, _check_image(image_rgb).shape[:2])
 
 
 def mask_source_names() -> list[str]:
