@@ -191,3 +191,19 @@ def test_sam_encoder_proxy_and_bad_settings(tiny_clip, image):
                              ("mask_generator=x", "mask_generator"), ("proxy_model=mae", "proxy_model")]:
         with pytest.raises(MaskError, match=message):
             _segmentor(tiny_clip, setting)
+
+
+def test_segmentor_mask_source_and_its_cache(tiny_clip, image, tmp_path):
+    seg = Segmentor(tiny_clip, apply_overrides(get_preset("open_vocab"), FAST), classes="cat, blanket, wall",
+                    cache_dir=tmp_path, masks="superpixels")
+    assert seg.config.masks == "superpixels"
+    first = seg.predict(image)
+    assert first.masks is not None and first.regions.shape == (96, 128)
+    for region in np.unique(first.regions):
+        assert len(np.unique(first.labels[first.regions == region])) == 1  # a partition: every pixel voted
+    second = seg.predict(image)
+    assert seg.mask_stage.cache.generated == 1 and seg.mask_stage.cache.loaded == 1
+    assert np.array_equal(first.labels, second.labels)
+    prepared = seg.prepare(image)
+    from_prepared = seg.predict_prepared(prepared)  # the source sees the protocol-resized image
+    assert from_prepared.masks.size == (96, 128)
