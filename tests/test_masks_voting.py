@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from itaclip_core.masks import MaskError, MaskSet, as_mask_set, partition, vote_features, vote_logits, vote_mode, vote_probs
+from itaclip_core.masks import (MaskError, MaskSet, as_mask_set, partition, vote_features, vote_logits, vote_mode,
+                                vote_probs)
 
 
 def _masks(*boxes, size=(4, 6)):

@@ -13,7 +13,15 @@ from itaclip_core.masks.sources import (
     read_mask_file,
     register_mask_source,
 )
-from itaclip_core.masks.voting import PAINT_ORDERS, VOTE_RULES, partition, vote_features, vote_logits, vote_mode, vote_probs
+from itaclip_core.masks.voting import (
+    PAINT_ORDERS,
+    VOTE_RULES,
+    partition,
+    vote_features,
+    vote_logits,
+    vote_mode,
+    vote_probs,
+)
 
 __all__ = [
     "GENERATOR_PRESETS", "MASK_SOURCES", "PAINT_ORDERS", "VOTE_RULES", "ExtraNotInstalledError", "MaskCache",

@@ -6,9 +6,10 @@
 
 Checkpoints: an explicit path, or the official file downloaded into the verified cache (`checkpoints.py`), or
 `random-tiny[:SEED]`, a tiny random-weight model built from the package's own classes (for tests and demos; it
-proposes about one mask per image), or `random`, the full-size model with seeded random weights (for timing). Checkpoints are read with `torch.load(weights_only=True)` and loaded strictly;
-one of another model type is refused with a message naming what it is. The packages are imported only when a model
-is built, with an error naming the extra when they are missing.
+proposes about one mask per image), or `random`, the full-size model with seeded random weights (for timing).
+Checkpoints are read with `torch.load(weights_only=True)` and loaded strictly; one of another model type is refused
+with a message naming what it is. The packages are imported when a source is built (a missing one is reported then,
+naming the extra), the models when the first image is generated.
 """
 
 from __future__ import annotations

@@ -234,5 +234,6 @@ def build_mask_source(
                    device=device, progress=progress)
     if Path(text).expanduser().is_dir():
         return FolderSource(text)
-    raise MaskError(f"unknown mask source {text!r}: use one of {', '.join(s for s in sorted(MASK_SOURCES) if s != 'folder')} "
-                    "or an existing folder of <stem>.png / <stem>.npz masks")
+    names = ", ".join(name for name in sorted(MASK_SOURCES) if name != "folder")
+    raise MaskError(f"unknown mask source {text!r}: use one of {names} or an existing folder of <stem>.png / "
+                    "<stem>.npz masks")
