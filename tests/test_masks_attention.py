@@ -207,3 +207,28 @@ def test_segmentor_mask_source_and_its_cache(tiny_clip, image, tmp_path):
     prepared = seg.prepare(image)
     from_prepared = seg.predict_prepared(prepared)  # the source sees the protocol-resized image
     assert from_prepared.masks.size == (96, 128)
+
+
+def test_dino_proxy_matches_timm_on_the_training_grid_and_resizes_like_dino():
+    pytest.importorskip("timm", reason="the dino extra (timm) is not installed")
+    from itaclip_core.masks.proxy import DinoProxy, _imagenet
+
+    proxy = DinoProxy("dino_vitb8", "random-tiny:3")
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 224, 224)
+    features, grid = proxy.features(images)
+    assert grid == (28, 28)
+    assert torch.allclose(features, proxy.model.forward_features(_imagenet(images, 8))[:, 1:], atol=1e-5)
+    captured = []
+    handle = proxy.model.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    proxy.model.forward_features(_imagenet(images, 8))
+    handle.remove()
+    correlation, _ = proxy.correlation(images)
+    width = correlation.shape[-1]
+    assert torch.allclose(correlation, captured[0][:, 1:, :width] + captured[0][:, 1:, width: 2 * width], atol=1e-5)
+    # Off the training grid: DINO's bicubic resize with the +0.1 offset, not timm's exact-size resampling.
+    pos = proxy.positional_embedding(15, 12)
+    base = proxy.model.pos_embed[:, 1:].reshape(1, 28, 28, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(base, scale_factor=(15.1 / 28, 12.1 / 28), mode="bicubic")
+    assert torch.allclose(pos[0, 1:], expected[0].flatten(1).T, atol=1e-6)
+    assert proxy.features(torch.randn(1, 3, 120, 100))[0].shape == (1, 15 * 12, 64)

@@ -10,8 +10,8 @@ Each takes a batch of CLIP-normalised window views (B, 3, h, w) and returns patc
 Weights: the official DINO checkpoints (`dino_vits8`, `dino_vits16`, `dino_vitb8`, `dino_vitb16`; key-identical to
 timm's ViTs) and SAM ViT-B are downloaded into the verified cache, or read from `proxy_checkpoint` (a path), or
 built with random weights: `random` (full size) or `random-tiny[:SEED]` (2 blocks, 64 wide; for tests).
-timm resizes DINO's positional embedding to the exact grid, where DINO's own code resizes bicubically with a
-+0.1 offset: on non-224 inputs the features differ slightly from the official implementation.
+The positional embedding is resized as DINO's own code does (bicubic with the scale factors (rows + 0.1) / base and
+(cols + 0.1) / base), not with timm's exact-size resampling, which differs by up to about 3e-2 on a 336 crop.
 """
 
 from __future__ import annotations
@@ -100,21 +100,42 @@ class DinoProxy:
     def grid(self, height: int, width: int) -> tuple[int, int]:
         return height // self.patch, width // self.patch
 
+    def positional_embedding(self, rows: int, cols: int) -> torch.Tensor:
+        """(1, 1 + rows * cols, C): DINO's `interpolate_pos_encoding` (unchanged on the training grid)."""
+        pos = self.model.pos_embed  # (1, 1 + base * base, C)
+        base = int(round((pos.shape[1] - 1) ** 0.5))
+        if (rows, cols) == (base, base):
+            return pos
+        grid = pos[:, 1:].reshape(1, base, base, -1).permute(0, 3, 1, 2)  # (1, C, base, base)
+        grid = F.interpolate(grid, scale_factor=((rows + 0.1) / base, (cols + 0.1) / base), mode="bicubic")
+        if grid.shape[-2:] != (rows, cols):
+            raise RuntimeError(f"positional-embedding resize gave {tuple(grid.shape[-2:])}, expected {(rows, cols)}")
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], dim=1)
+
+    def _tokens(self, images: torch.Tensor, last_block: Any = None) -> torch.Tensor:
+        """Final-norm tokens (B, 1 + N, C) of the ViT, with DINO's positional embedding; `last_block(x)` (if
+        given) is called on the input of the last block instead of finishing, and its result returned."""
+        model = self.model
+        x = _imagenet(images, self.patch).to(model.pos_embed.device)
+        x = model.patch_embed(x)  # (B, rows, cols, C): timm's dynamic-size layout
+        batch, rows, cols, width = x.shape
+        x = torch.cat([model.cls_token.expand(batch, -1, -1), x.reshape(batch, rows * cols, width)], dim=1)
+        x = model.norm_pre(x + self.positional_embedding(rows, cols))
+        for block in model.blocks[:-1]:
+            x = block(x)
+        if last_block is not None:
+            return last_block(x)
+        return model.norm(model.blocks[-1](x))
+
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = _imagenet(images, self.patch).to(next(self.model.parameters()).device)
-        tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens:]
+        tokens = self._tokens(images)[:, 1:]
         return tokens, self.grid(images.shape[-2], images.shape[-1])
 
     @torch.no_grad()
     def correlation(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        captured: list[torch.Tensor] = []
-        handle = self.model.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            self.model.forward_features(_imagenet(images, self.patch).to(next(self.model.parameters()).device))
-        finally:
-            handle.remove()  # one hook per call: hooks never accumulate across windows
-        qkv = captured[0][:, self.model.num_prefix_tokens:]  # (B, N, 3 C)
+        last = self.model.blocks[-1]
+        qkv = self._tokens(images, lambda x: last.attn.qkv(last.norm1(x)))[:, 1:]  # (B, N, 3 C)
         width = qkv.shape[-1] // 3
         return qkv[..., :width] + qkv[..., width: 2 * width], self.grid(images.shape[-2], images.shape[-1])
 
