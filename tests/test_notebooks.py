@@ -164,6 +164,9 @@ def test_notebook_runs_with_ci_parameters(name: str, ci_run: dict[str, Any]) -> 
         assert results["max_abs_difference"] < 1e-4 and results["label_agreement"] > 0.99  # the two algorithms agree
     if name == "09_explorer":
         assert results["updates"] == 1
+    if name == "11_masks":
+        assert results["masks_per_source"]["SLIC"] > 1 and results["coverage"]["SLIC"] == 1.0
+        assert abs(results["attention_inside_mask"] - 1.0) < 1e-5  # SLIC covers every patch: all inside its mask
 
 
 @pytest.mark.notebook
