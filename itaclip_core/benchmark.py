@@ -1,13 +1,17 @@
 """Speed and memory of the batched pipeline against the straightforward algorithm, on the same inputs.
 
     python -m itaclip_core.benchmark --models tiny vit-b-16 --settings voc coco_stuff [--device cuda --dtype float16]
+    python -m itaclip_core.benchmark --models tiny --methods naclip,clearclip,resclip   # the method zoo
 
 For each random model size and dataset setting it measures, each in a fresh process (so peak memory belongs to that
 step alone):
 - text classifier: the straightforward construction (one batch of 80 prompts per text at the full 77 tokens) and
   ours cold (batched, trimmed at the end-of-text token, no cache) and warm (disk cache);
 - one image: the straightforward per-window, per-view inference (as the published code) and ours (batched);
-and checks the two give the same probabilities and labels. Random weights give meaningless segmentations but the
+and checks the two give the same probabilities and labels. With `--methods` (method names, each run with its VOC21
+preset, or preset names) the image step of each method is compared with that method's straightforward per-window
+route (`itaclip_core.methods.straightforward`: one window at a time, explicit attention maps, full-tensor PAMR,
+a full canvas); ITACLIP and SCLIP use `itaclip_core.reference`. Random weights give meaningless segmentations but the
 exact same amount of work as the real weights of that size.
 """
 
@@ -30,6 +34,9 @@ import numpy as np
 import torch
 
 SETTINGS = {"voc": "itaclip_voc21", "coco_stuff": "itaclip_coco_stuff"}
+# --methods NAME: the preset it is measured with
+METHOD_PRESETS = {"itaclip": "itaclip_voc21", "sclip": "sclip_voc21", "naclip": "naclip_voc21",
+                  "clearclip": "clearclip_voc21", "resclip": "resclip_voc21"}
 # The 300x420 reference image in a source checkout; the shipped sample photo otherwise.
 _CHECKOUT_IMAGE = Path(__file__).resolve().parent.parent / "tests" / "golden" / "synthetic_300x420.png"
 DEFAULT_IMAGE = _CHECKOUT_IMAGE if _CHECKOUT_IMAGE.is_file() else Path(__file__).parent / "assets" / "sample_coffee.jpg"
@@ -87,7 +94,7 @@ def _setup(spec: dict[str, Any]):
     torch.set_num_threads(spec["threads"]) if spec.get("threads") else None
     device = torch.device(spec["device"])
     model = load_clip(f"random-{spec['model']}", device=device, dtype=spec["dtype"])
-    config = apply_overrides(get_preset(SETTINGS[spec["setting"]]), spec.get("overrides") or [])
+    config = apply_overrides(get_preset(SETTINGS.get(spec["setting"], spec["setting"])), spec.get("overrides") or [])
     return model, config, device
 
 
@@ -107,8 +114,10 @@ def _warm_up(model, config, device: torch.device) -> None:
     from itaclip_core.attention.dense import dense_tokens
     from itaclip_core.text.tokenizer import tokenize
 
-    dense_tokens(model.visual, torch.zeros(2, 3, config.crop, config.crop, device=device, dtype=model.dtype),
-                 config.dense_config())
+    side = config.crop or model.visual.input_resolution  # crop 0: whole image
+    if config.readout == "tokens":
+        dense_tokens(model.visual, torch.zeros(2, 3, side, side, device=device, dtype=model.dtype),
+                     config.dense_config())
     model.encode_text(tokenize(["a photo of a warm-up."]).to(device))
     _sync(device)
 
@@ -167,8 +176,11 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             sampler = RssSampler().__enter__()
             start = time.perf_counter()
             if task == "image_reference":
-                probs, labels = reference.predict(model, prepared.tensor, prepared.original_size,
-                                                  segmentor.classifier, config)
+                if config.method in ("itaclip", "sclip"):
+                    route = reference.predict
+                else:
+                    from itaclip_core.methods.straightforward import predict as route
+                probs, labels = route(model, prepared.tensor, prepared.original_size, segmentor.classifier, config)
                 probs = probs.cpu().numpy()
             else:
                 prediction = segmentor.predict_prepared(prepared)
@@ -212,8 +224,17 @@ def run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     work = Path(tempfile.mkdtemp(prefix="itaclip-bench-"))
+    settings = args.settings
+    if args.methods:
+        from itaclip_core.presets import PRESETS
+
+        settings = [METHOD_PRESETS.get(name, name) for name in args.methods.split(",") if name]
+        unknown = [name for name in settings if name not in PRESETS]
+        if unknown:
+            raise SystemExit(f"--methods: unknown {', '.join(unknown)}; methods: {', '.join(METHOD_PRESETS)} "
+                             "(or any preset name)")
     for model in args.models:
-        for setting in args.settings:
+        for setting in settings:
             base = {"model": model, "setting": setting, "device": args.device, "dtype": args.dtype,
                     "threads": args.threads, "image": str(args.image), "repeats": args.repeats,
                     "overrides": args.set}
@@ -221,7 +242,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             cache = work / f"cache-{model}-{setting}"
             print(f"[{model} / {setting}] text, ours ...", flush=True)
             row["text_ours"] = run_isolated({**base, "task": "text_ours", "cache_dir": str(cache)})
-            if not args.skip_reference:
+            if not args.skip_reference and not args.methods:  # the text side is the same for every method
                 print(f"[{model} / {setting}] text, straightforward ...", flush=True)
                 row["text_reference"] = run_isolated({**base, "task": "text_reference", "text_limit": args.text_limit})
             if "image" not in args.steps:
@@ -297,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m itaclip_core.benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "vit-b-16"], help="random model sizes")
     parser.add_argument("--settings", nargs="+", default=["voc", "coco_stuff"], choices=sorted(SETTINGS))
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated methods ({', '.join(METHOD_PRESETS)}) or preset names, each compared "
+                             "with its straightforward per-window route (replaces --settings)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default per device)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default torch's)")

@@ -75,6 +75,7 @@ class SegmentorConfig:
     regional_grid: int = 4
     regional_overlap: float = 0.25
     regional_beta: float = 0.6
+    class_separator: str = ", "  # between name variants in class files (ClearCLIP's files: ",")
     # Mask proposals (itaclip_core.masks): where masks come from and what they are used for
     masks: str | None = None  # mask source: superpixels, sam, sam2, or a folder of <stem>.png/.npz; None: no masks
     mask_use: str = "vote"  # vote (relabel each mask), attention (mask-scoped last block), proxy (ProxyCLIP)
@@ -146,6 +147,10 @@ def _sclip(name: str, dataset: str, classes: str, background: bool, short_side: 
     )
 
 
+from itaclip_core.methods.presets import zoo_a_presets  # noqa: E402 - needs SegmentorConfig
+
+ZOO_A_PRESETS = zoo_a_presets(SegmentorConfig)  # NACLIP, ClearCLIP, ResCLIP
+
 PRESETS: dict[str, SegmentorConfig] = {
     p.name: p
     for p in [
@@ -168,6 +173,7 @@ PRESETS: dict[str, SegmentorConfig] = {
         _sclip("sclip_cityscapes", "cityscapes", "cls_city_scapes.txt", False, 560),
         _sclip("sclip_ade20k", "ade20k", "cls_ade20k.txt", False, 336),
         # Arbitrary user classes with ITACLIP's architecture and image engineering; no auxiliary text unless given.
+        *ZOO_A_PRESETS,
         SegmentorConfig(name="open_vocab", method="itaclip", dataset=None, classes=None, background=False,
                         short_side=336, stride=28, img_eng_coef=0.75, logit_scale=40, prob_thd=0.0, area_thd=None),
     ]

@@ -72,11 +72,11 @@ def resolve_text_path(path: str | Path, what: str) -> Path:
     raise TextFileError(f"{what} {path!r} not found (neither as a path nor under {texts_dir()})")
 
 
-def _vocabulary(classes: ClassesInput) -> ClassVocabulary:
+def _vocabulary(classes: ClassesInput, separator: str = ", ") -> ClassVocabulary:
     if isinstance(classes, ClassVocabulary):
         return classes
     if isinstance(classes, Path) or (isinstance(classes, str) and Path(classes).suffix == ".txt"):
-        return read_class_file(resolve_text_path(classes, "class-name file"))
+        return read_class_file(resolve_text_path(classes, "class-name file"), separator)
     return parse_class_list(classes)
 
 
@@ -177,7 +177,7 @@ class Segmentor:
             aux_coef: weight of the auxiliary texts (default: the config's).
             background: class 0 is background (default: the config's).
         """
-        vocab = _vocabulary(classes)
+        vocab = _vocabulary(classes, self.config.class_separator)
         background = self.config.background if background is None else background
         aux_path = self.config.aux_file if aux_file is True else (aux_file or None)
         aux_texts = None

@@ -263,6 +263,8 @@ class NeighbourhoodAttention(AttentionVariant):
     requires = ("grid",)
 
     def __init__(self, sigma: float = 5.0) -> None:
+        if not sigma > 0:
+            raise ValueError(f"neighbourhood_sigma must be > 0 (in patches), got {sigma}")
         self.sigma = float(sigma)
 
     def _bias(self, k: torch.Tensor, context: AttentionContext | None) -> torch.Tensor:
@@ -286,7 +288,8 @@ class SemanticFeedbackAttention(AttentionVariant):
     """ResCLIP's last-block attention: softmax(tau [(1 - lam) k k^T / sqrt(d) + lam S] + Omega).
 
     `S` is the SFR matrix of this batch, `context.extras["sfr_affinity"]` ((B, 1, N, N), divided by its maximum and
-    cast as the readout decides; see `itaclip_core.methods.resclip`); without it (ResCLIP's first pass) this is
+    cast as the readout decides; see `itaclip_core.methods.resclip`; `lam S` is computed in S's dtype, as the
+    official code's float16 S does); without it (ResCLIP's first pass) this is
     NACLIP's attention. Omega is NACLIP's bias, not scaled by tau. RCS (the mean query-key map of earlier blocks) is
     mixed in by the dense config's fusion (`fuse_blocks`, `fuse_weight` = 1 - lambda_rcs, `attention_scale` = tau_rcs).
     """
@@ -295,6 +298,8 @@ class SemanticFeedbackAttention(AttentionVariant):
     requires = ("grid",)
 
     def __init__(self, sigma: float = 5.0, tau: float = 1.0, lam: float = 0.0) -> None:
+        if not sigma > 0:
+            raise ValueError(f"neighbourhood_sigma must be > 0 (in patches), got {sigma}")
         self.sigma = float(sigma)
         self.tau = float(tau)
         self.lam = float(lam)
@@ -310,7 +315,7 @@ class SemanticFeedbackAttention(AttentionVariant):
         bias, affinity = self._parts(k, context)
         logits = torch.matmul(k, k.transpose(-1, -2)) * (k.shape[-1] ** -0.5)
         if affinity is not None:
-            logits = self.tau * ((1 - self.lam) * logits + self.lam * affinity.to(logits.dtype))
+            logits = self.tau * ((1 - self.lam) * logits + (self.lam * affinity).to(logits.dtype))
         return F.softmax(logits + bias, dim=-1)
 
     def apply(
@@ -319,7 +324,8 @@ class SemanticFeedbackAttention(AttentionVariant):
         bias, affinity = self._parts(k, context)
         if affinity is None:
             return F.scaled_dot_product_attention(k, k, v, attn_mask=bias)
-        mask = (self.tau * self.lam) * affinity.to(k.dtype) + bias  # (B, 1, N, N), one map per batch item
+        # lambda S is formed in the affinity's own dtype (float16 in ResCLIP's code, which rounds the product too)
+        mask = self.tau * (self.lam * affinity).to(k.dtype) + bias  # (B, 1, N, N), one map per batch item
         scale = self.tau * (1 - self.lam) * k.shape[-1] ** -0.5
         if scale == 0.0:  # the key-key term is switched off: the map is softmax(mask), built explicitly
             return torch.matmul(F.softmax(mask, dim=-1).expand(*k.shape[:2], -1, -1), v)

@@ -197,6 +197,46 @@ class RegionalClues(FeatureRefinement):
         return (combined * scale).view(n, rows, cols, dim)
 
 
+@register_refinement("sfr")
+class SemanticFeedback(FeatureRefinement):
+    """ResCLIP's SFR after any method: first-pass labels from the features' own logits, then (1 - l) F + l S F."""
+
+    settings = {"weight": "sfr_refine_weight", "temp_thd": "sfr_temp_thd", "sigma": "sfr_sigma",
+                "delete_same_entity": "sfr_delete_same_entity", "pamr_steps": "sfr_pamr_steps",
+                "pamr_dilations": "sfr_pamr_dilations"}
+
+    def __init__(self, weight: float = 0.5, temp_thd: float = 0.5, sigma: float = 5.0,
+                 delete_same_entity: bool = True, pamr_steps: int = 10,
+                 pamr_dilations: tuple[int, ...] = (8, 16)) -> None:
+        _check_range("sfr_refine_weight", weight, 0.0, 1.0)
+        _check_range("sfr_temp_thd", temp_thd, 0.0, 1.0)
+        _check_range("sfr_sigma", sigma, 0.0, math.inf, low_open=True)
+        if pamr_steps < 0:
+            raise ValueError(f"sfr_pamr_steps={pamr_steps}: must be >= 0")
+        self.weight = float(weight)
+        self.temp_thd = float(temp_thd)
+        self.sigma = float(sigma)
+        self.delete_same_entity = bool(delete_same_entity)
+        self.pamr_steps = int(pamr_steps)
+        self.pamr_dilations = tuple(pamr_dilations)
+
+    def refine(self, features: torch.Tensor, context: RefineContext | None = None) -> torch.Tensor:
+        from itaclip_core.methods.resclip import first_pass_labels, sfr_matrix
+
+        if context is None:
+            raise ValueError("the sfr refinement needs the windows' crops and the text features (a RefineContext)")
+        n, rows, cols, dim = features.shape
+        logits = (features @ context.text_features.T).permute(0, 3, 1, 2)  # (n, Q, rows, cols)
+        _, labels = first_pass_labels(logits, context.crops, context.patch_size, context.config.logit_scale,
+                                      self.temp_thd, self.pamr_steps, self.pamr_dilations)
+        flat = features.reshape(n, rows * cols, dim)
+        out = torch.empty_like(flat)
+        for i in range(n):
+            matrix = sfr_matrix(labels[i], self.sigma, self.delete_same_entity)[1:, 1:].to(flat.dtype)  # (P, P)
+            out[i] = (1.0 - self.weight) * flat[i] + self.weight * (matrix @ flat[i])
+        return out.view(n, rows, cols, dim)
+
+
 def describe(name: str) -> dict[str, Any]:
     """Name, settings and summary of a registered refinement (for listings)."""
     cls = refinement_class(name)

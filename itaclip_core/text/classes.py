@@ -69,8 +69,9 @@ def _check_vocabulary(variants: list[list[str]], source: str, unique: bool) -> C
     return ClassVocabulary(tuple(tuple(names) for names in variants))
 
 
-def read_class_file(path: str | Path) -> ClassVocabulary:
-    """Parse a class-name file exactly as the published code does (`line.split(', ')`)."""
+def read_class_file(path: str | Path, separator: str = ", ") -> ClassVocabulary:
+    """Parse a class-name file exactly as the published code does (`line.split(', ')`; ClearCLIP splits on `,`,
+    which `separator=","` reproduces: the names are stripped either way)."""
     path = Path(path)
     if not path.is_file():
         raise TextFileError(f"class-name file not found: {path}")
@@ -79,7 +80,9 @@ def read_class_file(path: str | Path) -> ClassVocabulary:
         lines.pop()
     # Names are stripped (the Context60 files end with "wood "); the tokenizer strips whitespace anyway, so the
     # encoded queries are the same as the published code's.
-    variants = [[name.strip() for name in line.rstrip("\r").split(", ")] for line in lines]
+    if not separator:
+        raise ValueError("class_separator must not be empty (the published files use ', '; ClearCLIP's ',')")
+    variants = [[name.strip() for name in line.rstrip("\r").split(separator)] for line in lines]
     # The published files repeat some names across classes (COCO-Object lists "bed" as background and as a
     # class): they are kept as they are.
     return _check_vocabulary(variants, str(path), unique=False)
