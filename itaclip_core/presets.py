@@ -86,6 +86,27 @@ class SegmentorConfig:
     cliptrase_min_samples: int = 7  # CLIPtrase: DBSCAN core-point count
     cliptrase_cls_weighting: bool = False  # CLIPtrase: patch scores times the class token's (official VOC20)
     protocol: str = "standard"  # "standard": resize, sliding window; "centre_crop": CLIPtrase's script (crop x crop)
+    # Mask proposals (itaclip_core.masks): where masks come from and what they are used for
+    masks: str | None = None  # mask source: superpixels, sam, sam2, or a folder of <stem>.png/.npz; None: no masks
+    mask_use: str = "vote"  # vote (relabel each mask), attention (mask-scoped last block), proxy (ProxyCLIP)
+    mask_generator: str | None = None  # generator preset (slic, felzenszwalb, sam_default, sam2_default,
+    # corrclip_8, corrclip_32); None: the source's default
+    mask_generator_args: tuple[str, ...] = ()  # key=value overrides of the generator settings
+    mask_model: str | None = None  # sam: vit_b, vit_l, vit_h; sam2: sam2.1_hiera_t/s/b+/l, sam2_hiera_*; None: default
+    mask_checkpoint: str | None = None  # generator checkpoint path; None: official download; random-tiny: random
+    mask_cache: bool = True  # cache generated masks on disk, keyed by image content and generator settings
+    mask_order: str = "small_on_top"  # overlapping masks: small_on_top, large_on_top (CorrCLIP), score
+    mask_vote: str = "mode"  # region label: mode (majority), probs (mean probabilities), features (mean features)
+    mask_min_area: int = 0  # masks with fewer pixels (at the original size) are ignored
+    mask_correlation: str = "clip"  # mask attention's similarity: clip (last block q+k) or dino (timm DINO ViT-B/8)
+    mask_tau: float = 4.0  # mask attention: softmax temperature of the scoped cosine similarities
+    mask_spatial_weight: float = 1.0  # mask attention: weight of the mid-block (spatial) branch; 0: off
+    mask_semantic_weight: float = 0.5  # mask attention: weight of the per-mask class tokens; 0: off
+    mask_final_vote: bool = True  # mask attention: also vote (mask_vote) over the final labels, as CorrCLIP does
+    proxy_model: str = "dino_vitb8"  # proxy attention's model: dino_vits8/vits16/vitb8/vitb16, sam_vit_b
+    proxy_checkpoint: str | None = None  # proxy model weights path; None: official download; random: random weights
+    proxy_beta: float = 1.2  # proxy attention: similarities below beta x their mean are removed
+    proxy_gamma: float = 3.0  # proxy attention: softmax scale
 
     def dense_config(self) -> "DenseConfig":
         """The image tower's dense readout for these settings."""
@@ -248,3 +269,9 @@ def apply_overrides(config: SegmentorConfig, overrides: Iterable[str] | dict[str
         changes[key] = _parse_value(value, key)
     return config.replace(**changes)
 
+
+
+# Mask-guided methods (ProxyCLIP, CorrCLIP style): itaclip_core/masks/presets.py
+from itaclip_core.masks.presets import MASK_PRESETS  # noqa: E402
+
+PRESETS.update({preset.name: preset for preset in MASK_PRESETS})

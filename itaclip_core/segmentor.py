@@ -22,7 +22,10 @@ from tqdm.auto import tqdm
 from itaclip_core.errors import ConfigError, UserError, short
 from itaclip_core.inference.engine import DenseInference
 from itaclip_core.methods import get_readout
-from itaclip_core.inference.preprocess import ImageInput, PreparedImage, prepare_image
+from itaclip_core.inference.preprocess import ImageInput, PreparedImage, denormalise, prepare_image, to_bgr_uint8
+from itaclip_core.masks.maskset import MaskSet
+from itaclip_core.masks.readouts import readout_config
+from itaclip_core.masks.stage import MaskStage, resize_masks
 from itaclip_core.methods.cliptrase import check_protocol, denormalise_rgb, prepare_centre_crop
 from itaclip_core.model.clip import CLIP
 from itaclip_core.model.weights import default_cache_dir, load_clip
@@ -59,6 +62,8 @@ class Prediction:
     class_names: list[str]  # K display names (`background` for a background class)
     name: str = ""  # the image's name, when known
     image: np.ndarray | None = None  # (H, W, 3) uint8 RGB pixels the labels cover when not the input's (centre crop)
+    masks: MaskSet | None = None  # the mask proposals used (mask modes), at the original size
+    regions: np.ndarray | None = None  # (H, W) their partition (0 = uncovered, i + 1 = mask i on top)
 
     @property
     def height(self) -> int:
@@ -191,6 +196,7 @@ class Segmentor:
         cache_dir: str | Path | None | bool = True,
         progress: bool = False,
         notes: Callable[[str], None] | None = None,
+        masks: str | None = None,
     ) -> None:
         """
         Args:
@@ -199,9 +205,11 @@ class Segmentor:
             classes: the classes (a class file, `"cat, dog"`, a list, or lists of variants); default: the config's
                 class file. Settable later with `set_classes`. Other classes than a benchmark preset's own keep
                 its architecture without its background class, auxiliary texts and thresholds (with a warning).
-            cache_dir: where text embeddings are cached (True: the default cache; False/None: no cache).
+            cache_dir: where text embeddings (and generated masks) are cached (True: the default cache; False/None:
+                no cache).
             progress: show progress bars while encoding texts and predicting several images.
             notes: called with each note about changed settings (default: a `UserWarning`).
+            masks: a mask source (`superpixels`, `sam`, `sam2` or a folder) overriding the config's `masks`.
 
         Raises:
             ConfigError: a setting is out of range or does not fit the model (checked before texts are encoded).
@@ -210,6 +218,8 @@ class Segmentor:
         self.config = validate_config(get_preset(config) if isinstance(config, str) else config)
         check_against_model(self.config, model)
         self.notes = notes or _warn
+        if masks is not None:
+            self.config = validate_config(self.config.replace(masks=str(masks)))
         check_protocol(self.config)
         self.cache_dir = default_cache_dir() if cache_dir is True else (cache_dir or None)
         self.progress = progress
@@ -222,9 +232,10 @@ class Segmentor:
             image_engineering=self.config.image_engineering,
             img_eng_coef=self.config.img_eng_coef,
             batch_size=self.config.batch_size,
-            readout=get_readout(self.config),
+            readout=get_readout(readout_config(self.config)),
             refinements=build_refinements(self.config),
         )
+        self.mask_stage = MaskStage(self.config, self.cache_dir, device=model.device, progress=progress)
         if classes is not None or self.config.classes is not None:
             self.set_classes(classes if classes is not None else self.config.classes)
 
@@ -240,8 +251,10 @@ class Segmentor:
         cache_dir: str | Path | None | bool = True,
         progress: bool = False,
         notes: Callable[[str], None] | None = None,
+        masks: str | None = None,
     ) -> "Segmentor":
-        """Load the weights and build a segmentor from a preset, with `key=value` overrides.
+        """Load the weights and build a segmentor from a preset, with `key=value` overrides (`masks`: a mask
+        source overriding the preset's).
 
         Everything that can be checked without the model (settings and their ranges, the device, the weights
         argument, the class, auxiliary and template files, prompt lengths) is checked before the weights load.
@@ -254,6 +267,8 @@ class Segmentor:
             if note:
                 (notes or _warn)(note)
         config = apply_overrides(config, overrides)
+        if masks is not None:
+            config = config.replace(masks=str(masks))
         return cls.from_config(config, weights=weights, device=device, classes=classes, dtype=dtype,
                                cache_dir=cache_dir, progress=progress, notes=notes)  # fmt: skip
 
@@ -274,6 +289,7 @@ class Segmentor:
         from itaclip_core.validation import resolve_dtype
 
         validate_config(config)
+        MaskStage(config, None)  # the mask settings are checked before the weights are loaded
         resolve_device(device)
         resolve_dtype(dtype)
         check_weights_spec(weights)
@@ -349,12 +365,16 @@ class Segmentor:
         return prepare_image(image, self.config.short_side, self.config.long_side, name=name)
 
     @torch.no_grad()
-    def query_logits(self, prepared: PreparedImage) -> torch.Tensor:
-        """Per-query similarities (Q, H0, W0) at the original size, after PAMR when enabled."""
+    def query_logits(self, prepared: PreparedImage, regions: np.ndarray | None = None) -> torch.Tensor:
+        """Per-query similarities (Q, H0, W0) at the original size, after PAMR when enabled. `regions`: the masks'
+        region map at the original size, for readouts that use masks (mask attention)."""
         if self.classifier is None:
             raise NoClassesError("no classes are set: give classes= to the Segmentor or call set_classes(...) first")
         image = prepared.tensor.to(self.model.device, torch.float32)
-        logits = self.engine.logits(image, self.classifier.features, prepared.original_size)
+        side = None
+        if regions is not None and self.mask_stage.scopes_attention:
+            side = self.mask_stage.regions_at(regions, tuple(image.shape[-2:])).to(self.model.device)
+        logits = self.engine.logits(image, self.classifier.features, prepared.original_size, side=side)
         return self._refine(image, logits, prepared)
 
     def _refine(self, image: torch.Tensor, logits: torch.Tensor, prepared: PreparedImage) -> torch.Tensor:
@@ -364,15 +384,33 @@ class Segmentor:
             logits = pamr(guide, logits[None], self.config.pamr_steps, self.config.pamr_dilations)[0]
         return logits
 
+    def image_masks(self, prepared: PreparedImage, masks: Any = None) -> MaskSet | None:
+        """The masks of a prepared image at its original size: `masks` as given (checked), else the configured
+        source's. Without the original pixels the source sees the protocol-resized image, and its masks are
+        nearest-resized to the original size."""
+        if masks is not None:
+            return self.mask_stage.resolve(masks, prepared.original_size)
+        source = self.mask_stage.source
+        if source is None:
+            return None
+        if not source.needs_pixels:  # read by name (a folder), checked against the original size
+            return source.load(prepared.name or None, prepared.original_size)
+        generated = self.mask_stage.generate(denormalise(prepared.tensor), prepared.name or None)
+        return resize_masks(generated, prepared.original_size)
+
     @torch.no_grad()
-    def predict_prepared(self, prepared: PreparedImage) -> Prediction:
-        """Segment an already prepared image."""
-        return self._labels(self.query_logits(prepared), prepared)
+    def predict_prepared(self, prepared: PreparedImage, masks: Any = None) -> Prediction:
+        """Segment an already prepared image; `masks` (a MaskSet, boolean (K, H, W), label map or SAM's mask
+        dicts, at the original size) replace the configured mask source's."""
+        mask_set = self.image_masks(prepared, masks)
+        regions = self.mask_stage.regions(mask_set) if mask_set is not None else None
+        return self._labels(self.query_logits(prepared, regions), prepared, mask_set, regions)
 
     def _finish(self, prepared: PreparedImage, image: torch.Tensor, logits: torch.Tensor) -> Prediction:
         return self._labels(self._refine(image, logits, prepared), prepared)
 
-    def _labels(self, logits: torch.Tensor, prepared: PreparedImage) -> Prediction:
+    def _labels(self, logits: torch.Tensor, prepared: PreparedImage, mask_set: MaskSet | None = None,
+                regions: np.ndarray | None = None) -> Prediction:
         result = postprocess(
             logits,
             self.classifier.query_to_class,
@@ -388,21 +426,37 @@ class Segmentor:
         # A readout may revise the label map with what it saw per window (CLIPtrase's cluster vote).
         windows = self.engine.windows(*prepared.tensor.shape[-2:])
         labels = self.engine.readout.revise_labels(result.labels, windows, tuple(prepared.tensor.shape[-2:]))
+        labels = labels.cpu().numpy().astype(np.int64)
+        if regions is not None and self.mask_stage.votes:  # the mask vote comes last, on the final labels
+            labels = self.mask_stage.vote(labels, regions, probs, logits, self.classifier.query_to_class)
         return Prediction(
-            labels=labels.cpu().numpy().astype(np.int64),
+            labels=labels,
             probs=probs.cpu().numpy(),
             class_names=list(self.classifier.class_names),
             name=prepared.name,
             image=denormalise_rgb(prepared.tensor) if self.config.protocol == "centre_crop" else None,
+            masks=mask_set,
+            regions=regions,
         )
 
-    def predict(self, image: ImageInput | Sequence[ImageInput], name: str | None = None) -> Any:
+    def predict(self, image: ImageInput | Sequence[ImageInput], name: str | None = None, masks: Any = None) -> Any:
         """Segment an image given as a path, a PIL image, an RGB array or a torch tensor ((3, H, W) as
         torchvision uses, uint8 or floats in [0, 1]). A list of images gives a list of predictions
-        (`predict_many`)."""
+        (`predict_many`).
+
+        `masks`: the image's own mask proposals (a boolean (K, H, W) array, a label map with 0 = uncovered, or the
+        list of dicts of SAM's / SAM 2's automatic mask generators), used instead of the configured source."""
         if isinstance(image, (list, tuple)):
+            if masks is not None:
+                raise ConfigError("masks= goes with one image: call predict(image, masks=...) for each image")
             return self.predict_many(image)
-        return self.predict_prepared(self.prepare(image, name=name))
+        if masks is None and self.mask_stage.source is not None and self.mask_stage.source.needs_pixels:
+            if name is None and isinstance(image, (str, Path)):
+                name = Path(image).name
+            rgb = np.ascontiguousarray(to_bgr_uint8(image)[:, :, ::-1])
+            masks = self.mask_stage.generate(rgb, name)  # from the original pixels
+            return self.predict_prepared(self.prepare(rgb, name=name), masks=masks)
+        return self.predict_prepared(self.prepare(image, name=name), masks=masks)
 
     def predict_many(
         self,
@@ -451,7 +505,7 @@ class Segmentor:
 
     @torch.no_grad()
     def _predict_batch(self, batch: list[PreparedImage], bar: Any) -> Iterator[Prediction]:
-        if not self.engine.readout.shares_batches:  # per-image state between the logits and the labels
+        if not self.engine.readout.shares_batches or self.mask_stage.source is not None:  # per-image state, masks
             for prepared in batch:
                 yield self.predict_prepared(prepared)
                 bar.update(1)

@@ -189,6 +189,7 @@ def overlay(
     alpha: float = 0.5,
     legend: bool = True,
     ignore_index: int | None = 255,
+    outlines: np.ndarray | None = None,
 ) -> np.ndarray:
     """Blend a label map over an image, with a legend of the classes present to the right.
 
@@ -200,6 +201,7 @@ def overlay(
         alpha: weight of the class colour (0: image only, 1: colours only).
         legend: append the legend panel (classes present, largest area first).
         ignore_index: id left uncoloured and out of the legend (None: none).
+        outlines: optional (H, W) region map (e.g. mask proposals' partition) whose boundaries are drawn in white.
 
     Returns:
         (H, W + legend width, 3) uint8 RGB.
@@ -214,10 +216,30 @@ def overlay(
     if ignore_index is not None:
         blended[labels == ignore_index] = image[labels == ignore_index]
     out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    if outlines is not None:
+        out = draw_outlines(out, outlines)
     if not legend:
         return out
     ids = present_classes(labels, ignore_index=ignore_index)
     return _append_right(out, legend_panel(ids, class_names, colours, out.shape[0]))
+
+
+def outline_mask(regions: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels whose right or lower neighbour lies in another region (one-pixel boundaries)."""
+    regions = _check_labels(regions, "regions")
+    edges = np.zeros(regions.shape, dtype=bool)
+    edges[:, :-1] |= regions[:, :-1] != regions[:, 1:]
+    edges[:-1, :] |= regions[:-1, :] != regions[1:, :]
+    return edges
+
+
+def draw_outlines(image_rgb: np.ndarray, regions: np.ndarray, colour: Sequence[int] = (255, 255, 255)
+                  ) -> np.ndarray:
+    """A copy of an (H, W, 3) uint8 image with the boundaries of a region map (H, W) drawn in `colour`."""
+    regions = _check_labels(regions, "regions")
+    out = _check_image(image_rgb, regions.shape).copy()
+    out[outline_mask(regions)] = np.asarray(colour, dtype=np.uint8)
+    return out
 
 
 def _titled(panel: np.ndarray, title: str, title_height: int) -> np.ndarray:

@@ -91,7 +91,7 @@ def test_official_code_options_change_the_output(tiny_clip, golden_forward):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["readout=nope"], "readout='nope': unknown dense readout; registered: cliptrase, resclip, scclip, tokens"),
+    (["readout=nope"], "readout='nope': unknown dense readout; registered: .*resclip.*tokens"),
     (["attention=nope"], "attention='nope' is not a known attention variant; choose one of .*naclip.*resclip"),
     (["sfr_affinity_dtype=half"], "sfr_affinity_dtype='half': allowed float16, model"),
     (["attention=naclip"], "attention='naclip' does not fit readout=resclip.*allowed: attention=resclip"),
@@ -101,8 +101,7 @@ def test_official_code_options_change_the_output(tiny_clip, golden_forward):
 def test_bad_method_settings_are_refused_before_any_work(tiny_clip, overrides, message):
     config = apply_overrides(get_preset("resclip_voc21"), overrides)
     with pytest.raises(ValueError, match=message):
-        segmentor = Segmentor(tiny_clip, config, classes=["a", "b"], cache_dir=None)
-        segmentor.predict(np.zeros((40, 40, 3), dtype=np.uint8))
+        Segmentor(tiny_clip, config, cache_dir=None)  # refused when built, before any text or image work
 
 
 def test_every_zoo_a_preset_has_its_class_file_and_published_settings():

@@ -54,6 +54,9 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "10_method_zoo": ({"methods", "top10_concentration", "seconds", "areas", "classes_found",
                        "refinement_pixels_changed"},
                       {"10_attention.png", "10_segmentation.png", "10_areas.png", "10_refinements.png"}),
+    "11_masks": ({"masks_per_source", "generation_seconds", "pixels_changed_by_vote", "attention_inside_mask",
+                  "areas"},
+                 {"11_proposals.png", "11_partition.png", "11_vote.png", "11_scoped_attention.png", "11_areas.png"}),
     "13_compare": ({"configurations", "paired", "differ_most", "focus", "num_images", "weights_id"},
                    {"13_main.png", "13_heatmap.png", "13_paired.png", "13_focus_distribution.png",
                     "13_focus_gallery.png"}),
@@ -190,6 +193,9 @@ def test_notebook_runs_with_ci_parameters(name: str, ci_run: dict[str, Any]) -> 
         assert set(results["methods"]) == set(explore.available_methods())
         assert {"ITACLIP", "SCLIP", "SC-CLIP", "CLIPtrase"} <= set(results["methods"])
         assert set(results["refinement_pixels_changed"]) == {"selfcorr", "regional", "sfr", "selfcorr,regional"}
+    if name == "11_masks":
+        assert results["masks_per_source"]["SLIC"] > 1 and results["coverage"]["SLIC"] == 1.0
+        assert abs(results["attention_inside_mask"] - 1.0) < 1e-5  # SLIC covers every patch: all inside its mask
 
 
 @pytest.mark.notebook

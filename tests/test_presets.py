@@ -53,11 +53,11 @@ def test_sclip_presets(name):
 @pytest.mark.parametrize("name", [n for n in PRESETS if PRESETS[n].classes])
 def test_preset_files_exist_and_agree(name):
     c = get_preset(name)
-    vocab = read_class_file(resolve_text_path(c.classes, "class file"))
+    vocab = read_class_file(resolve_text_path(c.classes, "class file"), c.class_separator)
     expected = {"voc21": 21, "voc20": 20, "context60": 60, "context59": 59, "coco_object": 81, "coco_stuff": 171,
                 "cityscapes": 19, "ade20k": 150}[c.dataset]
     assert vocab.num_classes == expected
-    # Background first: SCLIP-style files lead with "sky", CLIPtrase's with its word "background".
+    # Background first: SCLIP-style files lead with "sky", ClearCLIP's and CLIPtrase's with the word "background".
     assert (vocab.class_names[0] in ("sky", "background") or not c.background) or c.dataset != "voc21"
     if c.aux_file:
         aux = read_aux_file(resolve_text_path(c.aux_file, "aux file"))

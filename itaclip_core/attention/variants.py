@@ -263,6 +263,8 @@ class NeighbourhoodAttention(AttentionVariant):
     requires = ("grid",)
 
     def __init__(self, sigma: float = 5.0) -> None:
+        if not sigma > 0:
+            raise ValueError(f"neighbourhood_sigma must be > 0 (in patches), got {sigma}")
         self.sigma = float(sigma)
 
     def _bias(self, k: torch.Tensor, context: AttentionContext | None) -> torch.Tensor:
@@ -296,6 +298,8 @@ class SemanticFeedbackAttention(AttentionVariant):
     requires = ("grid",)
 
     def __init__(self, sigma: float = 5.0, tau: float = 1.0, lam: float = 0.0) -> None:
+        if not sigma > 0:
+            raise ValueError(f"neighbourhood_sigma must be > 0 (in patches), got {sigma}")
         self.sigma = float(sigma)
         self.tau = float(tau)
         self.lam = float(lam)

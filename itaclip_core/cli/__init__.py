@@ -20,22 +20,7 @@ import os
 import sys
 from typing import Sequence
 
-from itaclip_core.errors import UserError
-
-_COMMAND_MODULES = ("segment", "eval", "compare", "data", "texts")
-
-# Callers that name the flags differently (e.g. `make demo`) list their spellings in this variable, as
-# `--weights=WEIGHTS=;--out=DEMO_OUT=`: error messages then say `WEIGHTS=...` where they would say `--weights ...`.
-FLAG_NAMES_VARIABLE = "ITACLIP_FLAG_NAMES"
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("itaclip-core")
-    except PackageNotFoundError:  # a source tree that is not installed
-        return "unknown (not installed)"
+_COMMAND_MODULES = ("segment", "eval", "compare", "data", "texts", "masks")
 
 
 def build_parser() -> argparse.ArgumentParser:

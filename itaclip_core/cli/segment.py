@@ -56,6 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_device_argument(parser)
     add_dtype_argument(parser)
     add_set_argument(parser)
+    parser.add_argument("--masks", default=None, metavar="SOURCE",
+                        help="mask proposals: superpixels, sam, sam2, or a folder of <stem>.png / <stem>.npz masks "
+                        "(same as --set masks=SOURCE)")
+    parser.add_argument("--mask-use", default=None, choices=["vote", "attention", "proxy"],
+                        help="what the masks are for: vote (relabel each mask, default), attention (mask-scoped "
+                        "last block), proxy (ProxyCLIP's proxy attention; needs no masks)")
+    parser.add_argument("--draw-masks", action="store_true", help="draw the mask outlines on the overlay")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created when the first image is done)")
     parser.add_argument("--save-npz", action="store_true", help="also save probabilities and labels as .npz")
     parser.add_argument("--batch-size", type=positive_int, default=4, metavar="N",
@@ -119,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     images = check_input_files(args.images, "image")
     out = check_output_dir(args.out, "--out")
     overrides = check_overrides(args.overrides) + ([f"aux_file={args.aux}"] if args.aux is not None else [])
+    overrides += [f"masks={args.masks}"] if args.masks is not None else []
+    overrides += [f"mask_use={args.mask_use}"] if args.mask_use is not None else []
 
     from itaclip_core.presets import apply_overrides, get_preset
     from itaclip_core.text.classes import parse_class_list
@@ -149,6 +158,8 @@ def _segment_all(segmentor: Any, images: list[Path], out: Path, args: argparse.N
     import numpy as np
 
     from itaclip_core.inference.preprocess import ImageReadError, read_image_bgr
+    from itaclip_core.masks.maskset import MaskError
+    from tqdm.auto import tqdm
     from itaclip_core.vis import overlay, palette, save_label_png, save_rgb_png
 
     # Black (the VOC colour of index 0) is kept for a background class; other vocabularies start at a colour.
@@ -173,9 +184,23 @@ def _segment_all(segmentor: Any, images: list[Path], out: Path, args: argparse.N
         while True:
             yield last_key[0]
 
+    def one_at_a_time() -> Iterator[Any]:  # mask proposals come from each image's own pixels, one image at a time
+        for rgb in readable():
+            key = last_key[0]
+            try:
+                prediction = segmentor.predict(rgb, name=key)
+            except MaskError as error:  # this image's masks (a missing or wrong-sized file): skip the image
+                failures.append((decoded.pop(key)[0], str(error)))
+                continue
+            yield prediction
+
     done = 0
-    predictions = segmentor.iter_predictions(readable(), names(), batch_size=args.batch_size,
-                                             progress=not args.no_progress, total=len(images))  # fmt: skip
+    if segmentor.mask_stage.source is not None:
+        predictions: Any = tqdm(one_at_a_time(), total=len(images), desc="images", unit="img",
+                                disable=args.no_progress)  # fmt: skip
+    else:
+        predictions = segmentor.iter_predictions(readable(), names(), batch_size=args.batch_size,
+                                                 progress=not args.no_progress, total=len(images))  # fmt: skip
     for prediction in predictions:
         path, rgb = decoded.pop(prediction.name)
         stem = stems[path]
@@ -184,7 +209,8 @@ def _segment_all(segmentor: Any, images: list[Path], out: Path, args: argparse.N
         _write_atomically(out / f"{stem}_labels.png", lambda p: save_label_png(p, prediction.labels, colours))
         # The pixels the labels cover: the image, or the crop a protocol scored (CLIPtrase's centre crop).
         pixels = prediction.image if prediction.image is not None else rgb
-        shown = overlay(pixels, prediction.labels, prediction.class_names, colours)
+        outlines = prediction.regions if args.draw_masks else None
+        shown = overlay(pixels, prediction.labels, prediction.class_names, colours, outlines=outlines)
         _write_atomically(out / f"{stem}_overlay.png", lambda p: save_rgb_png(p, shown))
         record = areas_record(prediction, str(path), segmentor.config.name, segmentor.weights_id)
         _write_atomically(out / f"{stem}_areas.json", lambda p: p.write_text(json.dumps(record, indent=2)))

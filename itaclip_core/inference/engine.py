@@ -93,22 +93,32 @@ class DenseInference:
         return sliding_windows(height, width, self.crop, self.stride)
 
     @torch.no_grad()
-    def patch_logits(self, image: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, list[Window]]:
-        """Similarities of every window's patches with every query: ((N, Q, rows, cols) float32, windows)."""
+    def patch_logits(
+        self, image: torch.Tensor, text_features: torch.Tensor, side: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[Window]]:
+        """Similarities of every window's patches with every query: ((N, Q, rows, cols) float32, windows).
+
+        `side`: optional per-pixel data aligned with the image, (h, w) or (C, h, w) (e.g. mask region ids), cropped
+        per window like the image and given to the readout as `side=` (N, ..., h_crop, w_crop)."""
         height, width = image.shape[-2:]
         windows = self.windows(height, width)
         crops = torch.stack([image[:, w.y1 : w.y2, w.x1 : w.x2] for w in windows])  # (N, 3, h, w)
-        logits = self.readout.window_logits(self, crops, text_features, self.refinements)  # (N, Q, rows, cols)
+        extra = {}
+        if side is not None:
+            extra["side"] = torch.stack([side[..., w.y1 : w.y2, w.x1 : w.x2] for w in windows])
+        logits = self.readout.window_logits(self, crops, text_features, self.refinements, **extra)  # (N, Q, r, c)
         return logits, windows
 
     @torch.no_grad()
     def logits(
-        self, image: torch.Tensor, text_features: torch.Tensor, original_size: tuple[int, int]
+        self, image: torch.Tensor, text_features: torch.Tensor, original_size: tuple[int, int],
+        side: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-query similarities (Q, H0, W0) float32 of a normalised image (3, h, w) at its original size."""
+        """Per-query similarities (Q, H0, W0) float32 of a normalised image (3, h, w) at its original size
+        (`side`: per-pixel data for the readout, see `patch_logits`)."""
         if image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
-        patch_logits, windows = self.patch_logits(image, text_features)
+        patch_logits, windows = self.patch_logits(image, text_features, side)
         return stitch(patch_logits, windows, tuple(image.shape[-2:]), original_size)
 
     @torch.no_grad()

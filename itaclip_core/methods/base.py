@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Sequence, TypeVar
 import torch
 import torch.nn.functional as F
 
-from itaclip_core.attention.dense import DenseConfig, dense_tokens
+from itaclip_core.attention.dense import DenseConfig, dense_tokens, last_variant
 from itaclip_core.inference.views import make_views, mix_views
 from itaclip_core.model.clip import VisionTransformer
 
@@ -109,6 +109,7 @@ class DenseReadout:
     def __init__(self, config: "SegmentorConfig", dense: DenseConfig) -> None:
         self.config = config
         self.dense = dense
+        last_variant(dense)  # unknown names and bad variant parameters fail here, before any work
 
     def check(self, config: "SegmentorConfig") -> None:
         """Refuse settings this readout cannot honour (ValueError naming the setting and the allowed values)."""
