@@ -1,5 +1,5 @@
 """`itaclip` command line: `itaclip segment`, `itaclip eval`, `itaclip compare`, `itaclip data ...`,
-`itaclip texts ...`.
+`itaclip texts ...`, `itaclip masks ...`.
 
 Each sub-command lives in its own module in this package and exposes `register(subparsers)`, which adds its
 parser and sets `func` (called with the parsed arguments, returning an exit status). Registering must not import
@@ -20,7 +20,22 @@ import os
 import sys
 from typing import Sequence
 
+from itaclip_core.errors import UserError
+
 _COMMAND_MODULES = ("segment", "eval", "compare", "data", "texts", "masks")
+
+# Callers that name the flags differently (e.g. `make demo`) list their spellings in this variable, as
+# `--weights=WEIGHTS=;--out=DEMO_OUT=`: error messages then say `WEIGHTS=...` where they would say `--weights ...`.
+FLAG_NAMES_VARIABLE = "ITACLIP_FLAG_NAMES"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("itaclip-core")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
