@@ -282,7 +282,8 @@ def _readout(config: "SegmentorConfig") -> Any:
 def _cli_wording(message: str) -> str:
     """A message of the form `key=value: ...` as the command line says it (`--set key=value: ...`)."""
     head = message.split(" ", 1)[0]
-    if "=" in head and head.split("=", 1)[0].isidentifier():
+    key = head.split("=", 1)[0] if "=" in head else head.rstrip(":")
+    if ("=" in head or head.endswith(":")) and key.isidentifier():
         return "--set " + message
     return message
 

@@ -17,11 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
-from itaclip_core.inference.preprocess import ImageReadError, read_image_bgr
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,6 +67,9 @@ def _images(args: argparse.Namespace) -> list[Path]:
 
 def _done(path: Path) -> bool:
     """Whether an output file is there and readable (a torn one is generated again)."""
+    import numpy as np
+    from PIL import Image
+
     if not path.is_file():
         return False
     try:
@@ -82,6 +84,9 @@ def _done(path: Path) -> bool:
 
 
 def _write(path: Path, masks, fmt: str, order: str) -> None:
+    import numpy as np
+    from PIL import Image
+
     from itaclip_core.masks.voting import partition
 
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
@@ -102,6 +107,10 @@ def _write(path: Path, masks, fmt: str, order: str) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from itaclip_core.inference.preprocess import ImageReadError, read_image_bgr
     from itaclip_core.masks import ExtraNotInstalledError, MaskError, build_mask_source
     from itaclip_core.masks.voting import PAINT_ORDERS
     from itaclip_core.model.checkpoint import CheckpointError

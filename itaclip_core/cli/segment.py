@@ -187,11 +187,12 @@ def _segment_all(segmentor: Any, images: list[Path], out: Path, args: argparse.N
     def one_at_a_time() -> Iterator[Any]:  # mask proposals come from each image's own pixels, one image at a time
         for rgb in readable():
             key = last_key[0]
-            try:
-                prediction = segmentor.predict(rgb, name=key)
+            try:  # by the file's name: a mask folder holds <stem>.png / <stem>.npz
+                prediction = segmentor.predict(rgb, name=decoded[key][0].name)
             except MaskError as error:  # this image's masks (a missing or wrong-sized file): skip the image
                 failures.append((decoded.pop(key)[0], str(error)))
                 continue
+            prediction.name = key
             yield prediction
 
     done = 0
