@@ -76,6 +76,7 @@ class SegmentorConfig:
     regional_overlap: float = 0.25
     regional_beta: float = 0.6
     class_separator: str = ", "  # between name variants in class files (ClearCLIP's files: ",")
+    pad_to_patch: bool = False  # zero-pad windows to a patch multiple, crop the logits back (ClearCLIP)
 
     def dense_config(self) -> DenseConfig:
         """The image tower's dense readout for these settings."""
