@@ -78,6 +78,7 @@ class SegmentorConfig:
     regional_overlap: float = 0.25
     regional_beta: float = 0.6
     class_separator: str = ", "  # between name variants in class files (ClearCLIP's files: ",")
+    pad_to_patch: bool = False  # zero-pad windows to a patch multiple, crop the logits back (ClearCLIP)
     # SC-CLIP and CLIPtrase (issue 10; itaclip_core/methods/scclip.py, cliptrase.py)
     scclip_detector: str = "lof"  # SC-CLIP anomaly detector: "lof" (official code) or "l2norm" (its first release)
     scclip_blocks: tuple[int, ...] = (9, 4, 4, 10)  # SC-CLIP: affinity block, post block, multi-level first, last

@@ -177,6 +177,7 @@ CHECKS: dict[str, Check] = {
     "cliptrase_eps": positive_number(),
     "cliptrase_min_samples": integer_at_least(1),
     "cliptrase_cls_weighting": boolean(),
+    "pad_to_patch": boolean(),
 }
 
 

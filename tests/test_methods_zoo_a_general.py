@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from itaclip_core import load_clip
 from itaclip_core.methods import get_readout, straightforward
@@ -31,6 +32,8 @@ CASES = [
     ("naclip_context60", ["short_side=200", "crop=112", "stride=64", "batch_size=2"]),
     ("naclip_voc20", ["short_side=180"]),  # whole image, non-square grid
     ("clearclip_voc21", ["short_side=200", "crop=144", "stride=96", "batch_size=3"]),
+    ("clearclip_context60", ["short_side=200", "crop=150", "stride=100"]),  # windows padded to a patch multiple
+    ("clearclip_voc20", ["short_side=170", "crop=0"]),  # the whole 170x223 image padded
     ("resclip_coco_object", ["short_side=200", "crop=112", "stride=64", "batch_size=3", "sfr_temp_thd=0.0"]),
     ("resclip_voc21", ["short_side=190", "sfr_temp_thd=0.0", "sfr_affinity_dtype=model"]),
     ("naclip_voc21", ["short_side=160", "refine=selfcorr,regional,sfr", "sfr_temp_thd=0.0"]),
@@ -147,3 +150,21 @@ def test_presets_run_from_the_cli_and_the_api(preset, tmp_path):
     prediction = segmentor.predict(path)
     assert np.array_equal(prediction.labels, saved["labels"])
     assert np.abs(prediction.probs - saved["probs"]).max() < 1e-5
+
+
+def test_clearclip_pads_windows_to_a_patch_multiple(tiny_clip):
+    from itaclip_core.methods.base import crop_padded_logits, patch_padding
+
+    assert patch_padding(150, 219, 16) == (2, 3, 5, 5)  # 10 rows and 5 columns to add
+    assert patch_padding(224, 448, 16) is None
+    logits = torch.arange(4.0).view(1, 1, 2, 2)
+    cut = crop_padded_logits(logits, (32, 32), (1, 2, 3, 0))
+    assert cut.shape == (1, 1, 29, 29)
+    assert torch.equal(cut, F.interpolate(logits, size=(32, 32), mode="bilinear")[:, :, 3:, 1:30])
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (120, 150, 3), dtype=np.uint8)
+    config = apply_overrides(get_preset("clearclip_voc20"), ["short_side=150", "crop=0"])
+    padded = Segmentor(tiny_clip, config, cache_dir=None).predict(image)
+    plain = Segmentor(tiny_clip, config.replace(pad_to_patch=False), cache_dir=None).predict(image)
+    assert padded.probs.shape == plain.probs.shape == (20, 120, 150)
+    assert np.abs(padded.probs - plain.probs).max() > 1e-3

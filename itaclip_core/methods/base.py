@@ -29,6 +29,8 @@ The interface, for a batch of n windows (crops) of one size, h x w pixels, rows 
   and sets `accepts_refinements = False`; a configured refinement is then refused with a clear error.
 - `shares_batches`: whether the windows of several images may share one `window_logits` call
   (`Segmentor.predict_many`); a readout that keeps per-image state for `revise_labels` sets it to False.
+  With `pad_to_patch` (ClearCLIP) windows that are not a patch multiple are zero-padded and the logits come back
+  at pixel resolution, cut to the window (`patch_padding`, `crop_padded_logits`).
 - `check(config)`: refuse settings the readout cannot honour, before any work (a ValueError naming the setting
   and the allowed values).
 
@@ -159,18 +161,45 @@ class DenseReadout:
         from itaclip_core.refinement.features import RefineContext
 
         text = text.to(engine.model.device, torch.float32)
+        pad = patch_padding(*crops.shape[-2:], engine.model.visual.patch_size) if self.config.pad_to_patch else None
+        if pad:
+            crops = F.pad(crops, pad)
         features = self.window_features(engine, crops, text)  # (n, rows, cols, D)
         if refinements:
             context = RefineContext(crops.to(engine.model.device), text, self.config, engine.model.visual.patch_size)
             for refinement in refinements:
                 features = refinement.refine(features, context)
-        return (features @ text.T).permute(0, 3, 1, 2)
+        logits = (features @ text.T).permute(0, 3, 1, 2)
+        return crop_padded_logits(logits, crops.shape[-2:], pad) if pad else logits
 
     def revise_labels(self, labels: torch.Tensor, windows: Sequence["Window"], image_size: tuple[int, int]
                       ) -> torch.Tensor:
         """The final label map (H0, W0) from the post-processed one, using what the last `window_logits` call
         saw of the image's `windows` (boxes in the resized image of `image_size`). Default: unchanged."""
         return labels
+
+
+def patch_padding(height: int, width: int, patch_size: int) -> tuple[int, int, int, int] | None:
+    """ClearCLIP's zero padding (left, right, top, bottom) of a window to a patch multiple (the odd pixel goes
+    right / bottom), or None when the window is a multiple already."""
+    left = right = top = bottom = 0
+    if width % patch_size:
+        extra = patch_size - width % patch_size
+        left, right = extra // 2, extra - extra // 2
+    if height % patch_size:
+        extra = patch_size - height % patch_size
+        top, bottom = extra // 2, extra - extra // 2
+    return (left, right, top, bottom) if left or right or top or bottom else None
+
+
+def crop_padded_logits(logits: torch.Tensor, padded_size: Sequence[int], pad: tuple[int, int, int, int]
+                       ) -> torch.Tensor:
+    """Patch logits of padded windows, upsampled bilinearly to the padded size and cut back to the window:
+    (n, Q, h, w) at pixel resolution (the stitching's resize from the window to itself is then the identity)."""
+    left, right, top, bottom = pad
+    height, width = padded_size[0], padded_size[1]
+    up = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+    return up[:, :, top : height - bottom, left : width - right]
 
 
 @register_readout("tokens")

@@ -10,7 +10,8 @@ Read from each method's official configs (see `docs/methods_clip_only.md`):
 - **ClearCLIP** (`clearclip_<dataset>`, mc-lan/ClearCLIP): last block with query-query attention, no residual, no
   MLP, no PAMR; short side 448, crop 448 / stride 224 (Cityscapes crop 224 / stride 224); logit scale 50; its own
   probability thresholds; its own VOC21, VOC20 and COCO-Object class files (one name per line, split on `,`), the
-  others identical to SCLIP's. The shipped base config says `model_type='vanilla'` (query-key attention): the
+  others identical to SCLIP's; windows whose size is not a multiple of the patch are zero-padded evenly and their
+  logits cropped back (`pad_to_patch`). The shipped base config says `model_type='vanilla'` (query-key attention): the
   presets follow the paper and the demo (`ClearCLIP`); `--set attention=qk` runs the shipped default.
 - **ResCLIP** (`resclip_<dataset>`, yvhangyang/ResCLIP, `test_all.sh wo_resi resclip 5`): NACLIP's attention with
   RCS (blocks 6-9, per-dataset [tau, lambda]) and SFR (per-dataset [tau, lambda] and `temp_thd`), both always on as
@@ -87,7 +88,7 @@ def zoo_a_presets(config_class: type) -> list:
             name=f"clearclip_{dataset}", method="clearclip", dataset=dataset,
             classes=f"class_names/{folder}/{classes}", class_separator=",", background=background, short_side=448,
             crop=crop, stride=stride, attention="qq", pamr_steps=0, logit_scale=50.0, prob_thd=prob_thd,
-            **_COMMON))
+            pad_to_patch=True, **_COMMON))
     for dataset, (short, crop, prob_thd, temp_thd, rcs, sfr) in _RESCLIP.items():
         classes, background = _DATASETS[dataset]
         common = dict(_COMMON, fuse_blocks=RCS_BLOCKS)

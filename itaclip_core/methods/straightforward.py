@@ -15,6 +15,7 @@ from itaclip_core import reference
 from itaclip_core.attention.dense import dense_tokens, last_variant
 from itaclip_core.attention.variants import AttentionContext
 from itaclip_core.inference.sliding import Window, sliding_windows
+from itaclip_core.methods.base import patch_padding
 from itaclip_core.methods.resclip import affinity_for_attention, sfr_matrix
 from itaclip_core.model.clip import CLIP
 from itaclip_core.presets import SegmentorConfig
@@ -74,6 +75,12 @@ def window_logits(model: CLIP, crop: torch.Tensor, text: torch.Tensor, config: S
     """(1, Q, h, w) logits of one window (1, 3, h, w) at the window's size."""
     if config.image_engineering:
         raise ValueError("the straightforward dense-method route has no image engineering: set image_engineering=false")
+    size = crop.shape[-2:]
+    pad = patch_padding(*size, model.visual.patch_size) if config.pad_to_patch else None
+    if pad:  # ClearCLIP: pad, run, upsample to the padded size, cut back
+        padded = window_logits(model, F.pad(crop, pad), text, config.replace(pad_to_patch=False))
+        left, _, top, _ = pad
+        return padded[:, :, top : top + size[0], left : left + size[1]]
     if config.readout == "resclip":
         tokens = _resclip_tokens(model, crop, text, config)
     elif config.readout == "tokens":
