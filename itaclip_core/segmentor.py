@@ -14,7 +14,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from itaclip_core.inference.engine import DenseInference
 from itaclip_core.inference.preprocess import ImageInput, PreparedImage, prepare_image
@@ -22,7 +21,7 @@ from itaclip_core.model.clip import CLIP
 from itaclip_core.model.weights import default_cache_dir, load_clip
 from itaclip_core.postprocess import postprocess
 from itaclip_core.presets import SegmentorConfig, apply_overrides, get_preset
-from itaclip_core.refinement.pamr import pamr
+from itaclip_core.refinement.logits import build_logit_refinements, refine_logits
 from itaclip_core.resources import texts_dir
 from itaclip_core.text.classes import (
     ClassVocabulary,
@@ -98,6 +97,7 @@ class Segmentor:
         self.cache_dir = default_cache_dir() if cache_dir is True else (cache_dir or None)
         self.progress = progress
         self.classifier: TextClassifier | None = None
+        self.logit_refinements = build_logit_refinements(self.config)
         self.engine = DenseInference(
             model,
             self.config.dense_config(),
@@ -188,15 +188,12 @@ class Segmentor:
 
     @torch.no_grad()
     def query_logits(self, prepared: PreparedImage) -> torch.Tensor:
-        """Per-query similarities (Q, H0, W0) at the original size, after PAMR when enabled."""
+        """Per-query similarities (Q, H0, W0) at the original size, after the logit refinements (`logit_refine`)."""
         if self.classifier is None:
             raise RuntimeError("no classes are set: call set_classes(...) first")
         image = prepared.tensor.to(self.model.device, torch.float32)
         logits = self.engine.logits(image, self.classifier.features, prepared.original_size)
-        if self.config.pamr_steps > 0:
-            guide = F.interpolate(image[None], size=prepared.original_size, mode="bilinear")  # (1, 3, H0, W0)
-            logits = pamr(guide, logits[None], self.config.pamr_steps, self.config.pamr_dilations)[0]
-        return logits
+        return refine_logits(logits, self.logit_refinements, image, prepared.original_size, self.config.logit_scale)
 
     @torch.no_grad()
     def predict_prepared(self, prepared: PreparedImage) -> Prediction:
