@@ -32,6 +32,7 @@ from itaclip_core.text.classes import (
     read_class_file,
 )
 from itaclip_core.text.classifier import TextClassifier, build_classifier, load_templates
+from itaclip_core.upsamplers.window import build_upsampler
 
 ClassesInput = str | Path | Sequence[str] | Sequence[Sequence[str]] | ClassVocabulary
 
@@ -106,6 +107,7 @@ class Segmentor:
             image_engineering=self.config.image_engineering,
             img_eng_coef=self.config.img_eng_coef,
             batch_size=self.config.batch_size,
+            upsampler=build_upsampler(self.config, model),
         )
         if classes is not None or self.config.classes is not None:
             self.set_classes(classes if classes is not None else self.config.classes)

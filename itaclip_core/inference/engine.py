@@ -8,6 +8,8 @@ stitched exactly (`itaclip_core.inference.sliding.stitch`). Memory is bounded by
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +17,9 @@ from itaclip_core.attention.dense import DenseConfig, dense_tokens
 from itaclip_core.inference.sliding import Window, sliding_windows, stitch
 from itaclip_core.inference.views import VIEW_NAMES, make_views, mix_views
 from itaclip_core.model.clip import CLIP
+
+if TYPE_CHECKING:
+    from itaclip_core.upsamplers.window import WindowUpsampler
 
 
 class DenseInference:
@@ -29,6 +34,7 @@ class DenseInference:
         image_engineering: bool = True,
         img_eng_coef: float = 0.75,
         batch_size: int | None = None,
+        upsampler: "WindowUpsampler | None" = None,
     ) -> None:
         """
         Args:
@@ -38,6 +44,8 @@ class DenseInference:
             image_engineering: use the five views of every window.
             img_eng_coef: weight of the original/gray/blur views against the flipped ones.
             batch_size: images (windows x views) per forward pass; bounds memory. None: 16 on CPU, 256 on GPU.
+            upsampler: a feature upsampler (`itaclip_core.upsamplers`) matching each window's upsampled features
+                with the text at the window's pixels, or None (text matching on the patch grid).
         """
         if batch_size is None:
             batch_size = 256 if model.device.type == "cuda" else 16
@@ -50,6 +58,7 @@ class DenseInference:
         self.image_engineering = image_engineering
         self.img_eng_coef = img_eng_coef
         self.batch_size = batch_size
+        self.upsampler = upsampler
 
     @property
     def num_views(self) -> int:
@@ -81,6 +90,8 @@ class DenseInference:
         windows = self.windows(height, width)
         crops = torch.stack([image[:, w.y1 : w.y2, w.x1 : w.x2] for w in windows])  # (N, 3, h, w)
         features = self.window_features(crops)  # (N, rows, cols, D)
+        if self.upsampler is not None:  # (N, Q, h, w): the stitch then averages per-pixel logits
+            return self.upsampler.window_logits(features, crops, text_features), windows
         logits = features @ text_features.to(features.device, torch.float32).T  # (N, rows, cols, Q)
         return logits.permute(0, 3, 1, 2), windows
 
