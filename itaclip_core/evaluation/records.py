@@ -44,6 +44,7 @@ class ImageRecord:
     pred: tuple[int, ...]  # per-class histogram of the prediction (ignored pixels dropped)
     label: tuple[int, ...]  # per-class histogram of the label (ignored pixels dropped)
     seconds: float = 0.0  # time spent predicting the image
+    trimap: tuple[int, ...] = ()  # boundary counts (correct, total) per trimap width, flattened; () if not taken
 
     def to_json(self) -> str:
         """One line of JSON (no newline)."""
@@ -58,6 +59,7 @@ class ImageRecord:
                 "pred": list(self.pred),
                 "label": list(self.label),
                 "seconds": round(self.seconds, 4),
+                "trimap": list(self.trimap),
             },
             separators=(",", ":"),
         )
@@ -78,6 +80,7 @@ class ImageRecord:
                 pred=counts[2],
                 label=counts[3],
                 seconds=float(data.get("seconds", 0.0)),
+                trimap=tuple(int(v) for v in data.get("trimap", ())),
             )
         except (ValueError, KeyError, TypeError):
             return None
