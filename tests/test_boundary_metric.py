@@ -74,3 +74,30 @@ def test_markdown_shows_the_boundary_accuracy():
     assert "boundary acc @1 px | boundary acc @3 px" in text and "| 75.00 | 87.50 |" in text
     del results["boundary"]
     assert "boundary acc" not in format_markdown(results)
+
+
+def test_runner_reports_boundary_accuracy_and_keeps_it_when_resuming(tmp_path):
+    from _fake_segmentor import make as make_fake
+
+    from itaclip_core.data import get_dataset
+    from itaclip_core.data.synthetic import make_synthetic_dataset
+    from itaclip_core.evaluation import EvalOptions, evaluate
+    from itaclip_core.inference.preprocess import prepare_image
+
+    root = make_synthetic_dataset("cityscapes", tmp_path / "city", num_images=3, seed=3,
+                                  sizes=[(64, 96), (48, 80)], easy=True)
+    dataset = get_dataset("cityscapes", root)
+    segmentor = make_fake("fake_cityscapes")
+    direct = TrimapAccumulator(ignore_index=dataset.ignore_index)
+    for index, sample in enumerate(dataset.samples):
+        labels = segmentor.predict_prepared(prepare_image(sample.image_path, 336, name=sample.name)).labels
+        direct.update(labels, dataset.load_label(index))
+    options = EvalOptions(out_dir=tmp_path / "run", preset="fake_cityscapes", weights_id="fake:fake", workers=0,
+                          progress=False)
+    results = evaluate(segmentor, dataset, options)
+    assert results["boundary"]["counts"] == direct.results()["counts"]
+    assert results["boundary"]["widths"] == [3, 5, 10] and results["boundary"]["num_images"] == 3
+    assert 0 < results["boundary"]["accuracy"][0] <= 100
+    assert "boundary acc @3 px" in (tmp_path / "run" / "results.md").read_text()
+    again = evaluate(segmentor, dataset, options)  # everything loaded from the records
+    assert again["run"]["computed"] == 0 and again["boundary"] == results["boundary"]

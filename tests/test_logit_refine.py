@@ -198,3 +198,23 @@ def test_cli_segment_with_crf_and_guided(tmp_path, capsys):
                  "--set", "logit_refine=pamr,dense", "--no-progress"])
     assert code != 0
     assert "known logit refinements" in capsys.readouterr().err
+
+
+def test_cli_eval_with_logit_refinements(tmp_path, monkeypatch):
+    import json
+
+    from itaclip_core.data.synthetic import make_synthetic_dataset
+
+    monkeypatch.setenv("ITACLIP_CACHE", str(tmp_path / "cache"))
+    root = make_synthetic_dataset("voc21", tmp_path / "voc", num_images=1, sizes=[(48, 64)], easy=True)
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of a {}.\n")
+    out = tmp_path / "run"
+    code = main(["eval", "--preset", "itaclip_voc21", "--data-root", str(root), "--weights", "random-tiny",
+                 "--out", str(out), "--workers", "0", "--set", "short_side=112", "--set", f"templates={templates}",
+                 "--set", "stride=112", "--set", "logit_refine=pamr,crf", "--set", "crf_iterations=2",
+                 "--device", "cpu", "-q"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["logit_refine"] == ["pamr", "crf"] and results["config"]["crf_iterations"] == 2
+    assert results["num_images"] == 1 and "boundary" in results
