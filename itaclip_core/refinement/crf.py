@@ -42,6 +42,8 @@ UNARY_CLIP = 1e-5  # pydensecrf's unary_from_softmax clip
 EXACT_BLOCK_ELEMENTS = 1 << 22
 # Up to this many pixel pairs the exact kernels are kept as N x N matrices (64 MiB in float32).
 EXACT_CACHE_ELEMENTS = 1 << 24
+# The lattice mean field slices, adds the unary and normalises this many pixels at a time.
+LATTICE_CHUNK_PIXELS = 4096
 
 
 class CRFSettingError(ValueError):
@@ -270,17 +272,39 @@ class CombinedLatticeMessages:
         self.slice_index = torch.cat(slice_index, dim=1).contiguous()
         self.slice_weight = torch.cat(slice_weight, dim=1).contiguous()
 
-    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+    def lattice(self, values: torch.Tensor) -> torch.Tensor:
+        """Splat and blur: the stacked lattice values (sum of M_m + 1, C)."""
         table = F.embedding_bag(self.splat_index, values, self.splat_offsets, mode="sum",
-                                per_sample_weights=self.splat_weight)  # (sum of M_m + 1, C)
+                                per_sample_weights=self.splat_weight)
         blurred = []
         for start, rows, neighbours in self.parts:
             lattice = table[start : start + rows]
             for n1, n2 in neighbours:
                 lattice = lattice + 0.5 * (lattice[n1] + lattice[n2])
             blurred.append(lattice)
-        table = torch.cat(blurred)
-        return F.embedding_bag(self.slice_index, table, mode="sum", per_sample_weights=self.slice_weight)
+        return torch.cat(blurred)
+
+    def slice(self, table: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The summed messages of pixels start:stop from the lattice values."""
+        return F.embedding_bag(self.slice_index[start:stop], table, mode="sum",
+                               per_sample_weights=self.slice_weight[start:stop])
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        return self.slice(self.lattice(values))
+
+
+def lattice_mean_field(unary: torch.Tensor, messages: CombinedLatticeMessages, iterations: int,
+                       chunk_pixels: int = LATTICE_CHUNK_PIXELS) -> torch.Tensor:
+    """`mean_field` for lattice messages: after each splat and blur, the slice, the unary and the softmax run over
+    blocks of pixels, so each block's (pixels, K) energies stay in the cache (same result as `mean_field`)."""
+    q = torch.softmax(-unary, dim=1)
+    for _ in range(iterations):
+        table = messages.lattice(q)  # from the previous Q, before any block of Q is overwritten
+        for start in range(0, unary.shape[0], chunk_pixels):
+            stop = start + chunk_pixels
+            energy = messages.slice(table, start, stop).sub_(unary[start:stop])
+            q[start:stop] = torch.softmax(energy, dim=1)
+    return q
 
 
 KERNELS: dict[str, Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
@@ -434,8 +458,9 @@ def dense_crf(
         if bilateral_compat > 0 and iterations > 0:
             kernels.append((float(bilateral_compat),
                             make(bilateral_features(rgb, float(bilateral_sxy), float(bilateral_srgb)))))
-        if backend == "lattice" and len(kernels) > 1:
-            kernels = [(1.0, CombinedLatticeMessages(kernels))]
-        q = mean_field(unary.contiguous(), kernels, int(iterations))
+        if backend == "lattice" and kernels:
+            q = lattice_mean_field(unary.contiguous(), CombinedLatticeMessages(kernels), int(iterations))
+        else:
+            q = mean_field(unary.contiguous(), kernels, int(iterations))
         out = q.T.reshape(classes, height, width).contiguous()
     return out.cpu().numpy() if as_numpy else out
