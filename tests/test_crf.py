@@ -228,3 +228,18 @@ def test_exact_block_path_equals_the_cached_matrix(monkeypatch):
     monkeypatch.setattr(crf, "EXACT_BLOCK_ELEMENTS", 7 * 99)  # 7 rows per block: blocks end mid-image
     blocked = dense_crf(probs, image, iterations=3, backend="exact")
     assert np.abs(blocked - cached).max() < 1e-6
+
+
+def test_blockwise_lattice_mean_field_equals_the_plain_one():
+    from itaclip_core.refinement import crf
+
+    rng = np.random.default_rng(12)
+    probs, image = _natural_like(rng, 24, 40, 4)
+    kernels = [(3.0, crf.PermutohedralKernel(crf.gaussian_features(24, 40, 3.0))),
+               (10.0, crf.PermutohedralKernel(crf.bilateral_features(torch.from_numpy(image), 80.0, 13.0)))]
+    unary = -torch.log(torch.from_numpy(probs).clamp(1e-5, 1)).reshape(4, -1).T.contiguous()
+    plain = crf.mean_field(unary, kernels, 5)
+    combined = crf.CombinedLatticeMessages(kernels)
+    blocked = crf.lattice_mean_field(unary, combined, 5, chunk_pixels=7)  # blocks end mid-row
+    assert (blocked - plain).abs().max() < 1e-5
+    assert (plain - torch.softmax(-unary, 1)).abs().max() > 1e-2
