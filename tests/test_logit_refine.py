@@ -93,11 +93,13 @@ def test_context_rgb_undoes_the_normalisation():
     assert torch.equal(context.rgb_uint8(), torch.from_numpy(rgb))
 
 
-kornia = pytest.importorskip("kornia", reason="kornia (extra guided) is not installed")
+def _kornia():
+    return pytest.importorskip("kornia", reason="kornia (extra guided) is not installed")
 
 
 @pytest.mark.parametrize("mode", ["guided", "joint_bilateral"])
 def test_guided_filter_equals_kornia_and_chunks_do_not_matter(mode):
+    kornia = _kornia()
     gen = torch.Generator().manual_seed(2)
     scores = torch.randn(5, 18, 22, generator=gen)
     guide = torch.rand(3, 18, 22, generator=gen)
@@ -114,6 +116,7 @@ def test_guided_filter_equals_kornia_and_chunks_do_not_matter(mode):
 
 
 def test_guided_filter_follows_the_guides_edge():
+    _kornia()
     guide = torch.zeros(3, 16, 16)
     guide[:, :, 8:] = 1.0
     scores = torch.zeros(1, 16, 16)
@@ -138,6 +141,7 @@ def test_guided_settings_are_checked(changes, word):
 
 
 def test_guided_refinement_uses_the_rgb_guide():
+    _kornia()
     image, logits = _inputs(3)
     context = RefinementContext.from_resized(image, (20, 26), 40.0)
     out = GuidedRefinement("joint_bilateral", 5, sigma_color=0.2, sigma_space=2.0)(logits, context)
@@ -158,6 +162,8 @@ def test_missing_kornia_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"itaclip-core\[guided\]"):
         guided_filter(torch.zeros(1, 4, 4), torch.zeros(3, 4, 4))
+    with pytest.raises(ImportError, match=r"itaclip-core\[guided\]"):  # when set up, before any image
+        build_logit_refinements(get_preset("open_vocab").replace(logit_refine=("pamr", "guided")))
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +178,8 @@ def plain_segmentor(tiny_clip, golden_dir):
 
 @pytest.mark.parametrize("refine", [("crf",), ("pamr", "guided"), ("pamr", "crf", "guided")])
 def test_pipeline_with_refinements(plain_segmentor, golden_dir, refine):
+    if "guided" in refine:
+        _kornia()
     plain = plain_segmentor
     refined = Segmentor(plain.model, plain.config.replace(logit_refine=refine, classes=None), cache_dir=None)
     refined.classifier = plain.classifier  # the same text side, built once
@@ -184,6 +192,7 @@ def test_pipeline_with_refinements(plain_segmentor, golden_dir, refine):
 
 
 def test_cli_segment_with_crf_and_guided(tmp_path, capsys):
+    _kornia()
     image = np.zeros((40, 56, 3), np.uint8)
     image[:, 28:] = (200, 180, 30)
     path = tmp_path / "two.png"

@@ -454,7 +454,8 @@ def dense_crf(
         make = KERNELS[backend]
         kernels = []
         if gaussian_compat > 0 and iterations > 0:
-            kernels.append((float(gaussian_compat), make(gaussian_features(height, width, float(gaussian_sxy), device))))
+            positions = gaussian_features(height, width, float(gaussian_sxy), device)
+            kernels.append((float(gaussian_compat), make(positions)))
         if bilateral_compat > 0 and iterations > 0:
             kernels.append((float(bilateral_compat),
                             make(bilateral_features(rgb, float(bilateral_sxy), float(bilateral_srgb)))))
