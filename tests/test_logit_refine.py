@@ -110,9 +110,25 @@ def test_guided_filter_equals_kornia_and_chunks_do_not_matter(mode):
         expected = kornia.filters.guided_blur(guide[None], scores[None], 5, 1e-2)[0]
     else:
         expected = kornia.filters.joint_bilateral_blur(scores[None], guide[None], 5, 0.2, (2.0, 2.0))[0]
-    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    # the exact colour guided filter is our own arithmetic (float32 box means): float32 rounding apart from kornia's
+    torch.testing.assert_close(out, expected, atol=1e-5 if mode == "guided" else 1e-6, rtol=0)
     torch.testing.assert_close(chunked, out, atol=1e-6, rtol=0)
     assert (out - scores).abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("border", ["reflect", "replicate", "constant", "circular"])
+@pytest.mark.parametrize("kernel_size, eps", [(3, 1e-3), (9, 1e-1)])
+def test_own_colour_guided_filter_equals_kornia(border, kernel_size, eps):
+    kornia = _kornia()
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(2, 3, 21, 17, generator=gen)
+    guide = torch.rand(2, 3, 21, 17, generator=gen)
+    out = guided_filter(scores, guide, kernel_size=kernel_size, eps=eps, border=border)
+    expected = kornia.filters.guided_blur(guide, scores, kernel_size, eps, border_type=border)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    fast = guided_filter(scores, guide, kernel_size=kernel_size, eps=eps, border=border, subsample=2)
+    torch.testing.assert_close(fast, kornia.filters.guided_blur(guide, scores, kernel_size, eps, border_type=border,
+                                                                subsample=2), atol=1e-6, rtol=0)
 
 
 def test_guided_filter_follows_the_guides_edge():

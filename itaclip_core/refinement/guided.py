@@ -1,12 +1,15 @@
 """Training-free guided filtering of dense scores with the image as guide: the guided filter and the joint
 bilateral filter.
 
-Both come from kornia (`kornia.filters.guided_blur`, `kornia.filters.joint_bilateral_blur`), the optional extra
-`guided`. kornia is used rather than a local copy because both filters are maintained there with exact, tested
-border handling, a tap-by-tap CPU path for large inputs and the fast (subsampled) guided filter, and the extra was
-already part of the project. Channels are filtered in chunks, which gives the same result as filtering them
-all at once (each channel is filtered independently with the same guide) while bounding the memory of kornia's
-windowed (unfold) path on the GPU.
+The joint bilateral filter and the fast (subsampled) guided filter come from kornia
+(`kornia.filters.joint_bilateral_blur`, `kornia.filters.guided_blur`), the optional extra `guided`: they are
+maintained there with tested border handling and a tap-by-tap CPU path for large inputs, and the extra was already
+part of the project. The exact guided filter with the colour guide (subsample 1, the default) is computed here
+(box means, and the inverse of each pixel's 3 x 3 regularised guide covariance taken once per image in float64 by
+its adjugate), because kornia solves that 3 x 3 system again for every chunk of channels, which made it the
+slowest refinement at 150 classes; the tests check it against kornia's `guided_blur`. Channels are filtered in
+chunks, which gives the same result as filtering them all at once (each channel is filtered independently with
+the same guide) while bounding memory.
 """
 
 from __future__ import annotations
@@ -51,6 +54,51 @@ def check_guided_settings(mode: str, kernel_size: int, eps: float, sigma_color: 
         raise GuidedFilterSettingError(f"guided_subsample is {subsample!r}: give a positive integer (1: exact)")
     if border not in BORDERS:
         raise GuidedFilterSettingError(f"guided_border is {border!r}: choose one of {', '.join(BORDERS)}")
+
+
+def _box(x: torch.Tensor, kernel_size: int, border: str) -> torch.Tensor:
+    """Mean over kernel_size x kernel_size windows of (B, C, H, W), the border padded as `border` says."""
+    pad = kernel_size // 2
+    mode = "constant" if border == "constant" else border
+    padded = torch.nn.functional.pad(x, [pad] * 4, mode=mode)
+    rows = torch.nn.functional.avg_pool2d(padded, (kernel_size, 1), stride=1)  # separable: 2k, not k^2, per pixel
+    return torch.nn.functional.avg_pool2d(rows, (1, kernel_size), stride=1)
+
+
+class _ColourGuide:
+    """What He et al.'s colour guided filter needs of the (B, 3, H, W) guide: its window means and the inverse of
+    (its window covariance + eps I), computed once and reused for every chunk of score channels."""
+
+    def __init__(self, guide: torch.Tensor, kernel_size: int, eps: float, border: str) -> None:
+        self.guide, self.kernel_size, self.border = guide, kernel_size, border
+        g = guide.double()  # the guide's statistics in float64: the covariance is a difference of close numbers
+        m = _box(g, kernel_size, border)  # (B, 3, H, W)
+        self.mean = m.to(guide.dtype)
+        pairs = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
+        second = _box(torch.stack([g[:, i] * g[:, j] for i, j in pairs], dim=1), kernel_size, border)
+        cov = {pair: second[:, k] - m[:, pair[0]] * m[:, pair[1]] for k, pair in enumerate(pairs)}
+        a, b, c = cov[(0, 0)] + eps, cov[(0, 1)], cov[(0, 2)]
+        d, e, f = cov[(1, 1)] + eps, cov[(1, 2)], cov[(2, 2)] + eps
+        # Inverse of the symmetric [[a, b, c], [b, d, e], [c, e, f]] by its adjugate, in float64.
+        adj = [[d * f - e * e, c * e - b * f, b * e - c * d],
+               [c * e - b * f, a * f - c * c, b * c - a * e],
+               [b * e - c * d, b * c - a * e, a * d - b * b]]
+        det = a * adj[0][0] + b * adj[0][1] + c * adj[0][2]
+        self.inverse = torch.stack([torch.stack(row, dim=1) for row in adj], dim=1) / det[:, None, None]
+        self.inverse = self.inverse.to(guide.dtype)  # (B, 3, 3, H, W)
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """Filter (B, C, H, W) scores."""
+        k, border, guide, mean = self.kernel_size, self.border, self.guide, self.mean
+        mean_p = _box(scores, k, border)  # (B, C, H, W)
+        cov = torch.stack([_box(guide[:, i : i + 1] * scores, k, border) - mean[:, i : i + 1] * mean_p
+                           for i in range(3)], dim=1)  # (B, 3, C, H, W)
+        a = torch.einsum("bijhw,bjchw->bichw", self.inverse, cov)  # (B, 3, C, H, W)
+        b = mean_p - (a * mean[:, :, None]).sum(dim=1)
+        out = _box(b, k, border)
+        for i in range(3):
+            out += _box(a[:, i], k, border) * guide[:, i : i + 1]
+        return out
 
 
 def guided_filter(
@@ -98,12 +146,15 @@ def guided_filter(
         )
     filters = _kornia_filters()
     g = g.float()
+    colour = _ColourGuide(g, kernel_size, eps, border) if mode == "guided" and subsample == 1 else None
     out = torch.empty_like(x)
     per_channel = max(1, x.shape[0] * x.shape[-2] * x.shape[-1])
     step = max(1, chunk_elements // per_channel)
     for start in range(0, x.shape[1], step):
         chunk = x[:, start : start + step].float()
-        if mode == "guided":
+        if colour is not None:
+            result = colour(chunk)
+        elif mode == "guided":
             result = filters.guided_blur(g, chunk, kernel_size, eps, border_type=border, subsample=subsample)
         else:
             result = filters.joint_bilateral_blur(
