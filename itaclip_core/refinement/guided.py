@@ -61,8 +61,11 @@ def _box(x: torch.Tensor, kernel_size: int, border: str) -> torch.Tensor:
     pad = kernel_size // 2
     mode = "constant" if border == "constant" else border
     padded = torch.nn.functional.pad(x, [pad] * 4, mode=mode)
-    rows = torch.nn.functional.avg_pool2d(padded, (kernel_size, 1), stride=1)  # separable: 2k, not k^2, per pixel
-    return torch.nn.functional.avg_pool2d(rows, (1, kernel_size), stride=1)
+    channels = x.shape[1]
+    # separable depthwise convolutions: 2k, not k^2, operations per pixel (faster than avg_pool2d on the CPU)
+    column = torch.full((channels, 1, kernel_size, 1), 1.0 / kernel_size, dtype=x.dtype, device=x.device)
+    rows = torch.nn.functional.conv2d(padded, column, groups=channels)
+    return torch.nn.functional.conv2d(rows, column.transpose(2, 3), groups=channels)
 
 
 class _ColourGuide:
