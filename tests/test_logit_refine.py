@@ -176,10 +176,18 @@ def test_missing_kornia_names_the_extra(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    with pytest.raises(ImportError, match=r"itaclip-core\[guided\]"):
-        guided_filter(torch.zeros(1, 4, 4), torch.zeros(3, 4, 4))
-    with pytest.raises(ImportError, match=r"itaclip-core\[guided\]"):  # when set up, before any image
-        build_logit_refinements(get_preset("open_vocab").replace(logit_refine=("pamr", "guided")))
+    for mode, subsample in (("joint_bilateral", 1), ("guided", 2)):
+        with pytest.raises(ImportError, match=r"itaclip-core\[guided\]"):
+            guided_filter(torch.zeros(1, 4, 4), torch.zeros(3, 4, 4), mode=mode, subsample=subsample)
+        config = get_preset("open_vocab").replace(logit_refine=("pamr", "guided"), guided_filter=mode,
+                                                  guided_subsample=subsample)
+        with pytest.raises(ImportError, match=r"itaclip-core\[guided\]"):  # when set up, before any image
+            build_logit_refinements(config)
+    # the exact guided filter is computed here: no kornia needed
+    out = guided_filter(torch.ones(1, 4, 4), torch.rand(3, 4, 4), kernel_size=3)
+    torch.testing.assert_close(out, torch.ones(1, 4, 4), atol=1e-5, rtol=0)
+    assert [r.name for r in build_logit_refinements(get_preset("open_vocab").replace(logit_refine=("guided",)))] == [
+        "guided"]
 
 
 @pytest.fixture(scope="module")

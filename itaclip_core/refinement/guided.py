@@ -39,6 +39,11 @@ def _kornia_filters():
     return filters
 
 
+def needs_kornia(mode: str, subsample: int) -> bool:
+    """Whether the filter comes from kornia (the joint bilateral and the fast guided filter) or is computed here."""
+    return mode != "guided" or subsample != 1
+
+
 def check_guided_settings(mode: str, kernel_size: int, eps: float, sigma_color: float, sigma_space: float,
                           subsample: int, border: str) -> None:
     """Raise `GuidedFilterSettingError` naming the first out-of-range setting."""
@@ -147,9 +152,9 @@ def guided_filter(
         raise GuidedFilterSettingError(
             f"guide {tuple(guide.shape)} does not match scores {tuple(scores.shape)}: resize the guide to the scores"
         )
-    filters = _kornia_filters()
     g = g.float()
-    colour = _ColourGuide(g, kernel_size, eps, border) if mode == "guided" and subsample == 1 else None
+    colour = _ColourGuide(g, kernel_size, eps, border) if not needs_kornia(mode, subsample) else None
+    filters = _kornia_filters() if colour is None else None
     out = torch.empty_like(x)
     per_channel = max(1, x.shape[0] * x.shape[-2] * x.shape[-1])
     step = max(1, chunk_elements // per_channel)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from itaclip_core.inference.preprocess import CLIP_MEAN_255, CLIP_STD_255
 from itaclip_core.refinement.crf import check_settings as check_crf_settings
 from itaclip_core.refinement.crf import dense_crf
-from itaclip_core.refinement.guided import _kornia_filters, check_guided_settings, guided_filter
+from itaclip_core.refinement.guided import _kornia_filters, check_guided_settings, guided_filter, needs_kornia
 from itaclip_core.refinement.pamr import _check_dilations, pamr
 
 if TYPE_CHECKING:
@@ -138,7 +138,8 @@ class GuidedRefinement(LogitRefinement):
     def __init__(self, mode: str = "guided", kernel_size: int = 15, eps: float = 1e-2, sigma_color: float = 0.1,
                  sigma_space: float = 4.0, subsample: int = 1, border: str = "reflect") -> None:
         check_guided_settings(mode, kernel_size, eps, sigma_color, sigma_space, subsample, border)
-        _kornia_filters()  # a missing extra is reported when the refinement is set up, before any image
+        if needs_kornia(mode, subsample):
+            _kornia_filters()  # a missing extra is reported when the refinement is set up, before any image
         self.settings = dict(mode=mode, kernel_size=kernel_size, eps=eps, sigma_color=sigma_color,
                              sigma_space=sigma_space, subsample=subsample, border=border)
 
