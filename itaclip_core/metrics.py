@@ -229,3 +229,90 @@ class IoUAccumulator:
                 "label": self.area_label.tolist(),
             },
         }
+
+
+# --------------------------------------------------------------------------------------------------- boundaries
+# Trimap widths (pixels) at which the boundary accuracy is reported.
+DEFAULT_TRIMAP_WIDTHS = (3, 5, 10)
+
+
+def boundary_band(label: LabelMap, width: int, ignore_index: int | None = 255) -> np.ndarray:
+    """(H, W) bool: the scored pixels within `width` pixels (Chebyshev distance) of a label boundary.
+
+    A pixel is on a boundary when one of its 8 neighbours inside the image holds another value; the ignore value
+    counts as a value, so the edge of an ignored region (Pascal VOC's object outlines) is a boundary. The band is
+    the boundary dilated by a (2 width + 1)-square, without the ignored pixels.
+    """
+    import cv2
+
+    if isinstance(width, bool) or int(width) != width or width < 0:
+        raise ValueError(f"trimap width is {width!r}: give a non-negative whole number of pixels")
+    array = _as_int_array(label, "label")
+    if array.ndim != 2:
+        raise ValueError(f"label has shape {array.shape}: expected an (H, W) map")
+    height, width_px = array.shape
+    padded = np.pad(array.astype(np.int64), 1, mode="edge")  # edge padding: the image border is no boundary
+    edge = np.zeros((height, width_px), dtype=bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                edge |= padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width_px] != array
+    if width > 0:
+        kernel = np.ones((2 * int(width) + 1, 2 * int(width) + 1), np.uint8)
+        band = cv2.dilate(edge.astype(np.uint8), kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
+    else:
+        band = edge
+    if ignore_index is not None:
+        band &= array != ignore_index
+    return band
+
+
+def trimap_counts(pred: LabelMap, label: LabelMap, widths: Sequence[int] = DEFAULT_TRIMAP_WIDTHS,
+                  ignore_index: int | None = 255) -> np.ndarray:
+    """(len(widths), 2) int64: per width, the correctly predicted pixels and all scored pixels of the band."""
+    pred_np = _as_int_array(pred, "prediction")
+    label_np = _as_int_array(label, "label")
+    if pred_np.shape != label_np.shape:
+        raise ValueError(f"prediction shape {pred_np.shape} differs from label shape {label_np.shape}")
+    hits = pred_np == label_np
+    rows = []
+    for width in widths:
+        band = boundary_band(label_np, width, ignore_index)
+        rows.append((int((hits & band).sum()), int(band.sum())))
+    return np.asarray(rows, dtype=np.int64).reshape(len(widths), 2)
+
+
+class TrimapAccumulator:
+    """Boundary quality: pixel accuracy inside trimap bands around the label boundaries, summed over images."""
+
+    def __init__(self, widths: Sequence[int] = DEFAULT_TRIMAP_WIDTHS, ignore_index: int | None = 255) -> None:
+        self.widths = tuple(int(w) for w in widths)
+        if not self.widths:
+            raise ValueError("give at least one trimap width")
+        self.ignore_index = ignore_index
+        self.counts = np.zeros((len(self.widths), 2), dtype=np.int64)
+        self.num_images = 0
+
+    def update(self, pred: LabelMap, label: LabelMap) -> np.ndarray:
+        """Count one image; returns its (widths, 2) counts."""
+        counts = trimap_counts(pred, label, self.widths, self.ignore_index)
+        self.add(counts)
+        return counts
+
+    def add(self, counts: np.ndarray | Sequence[int], num_images: int = 1) -> None:
+        """Add (widths, 2) counts (or their flattening) computed elsewhere."""
+        array = np.asarray(counts, dtype=np.int64).reshape(len(self.widths), 2)
+        self.counts += array
+        self.num_images += num_images
+
+    def results(self) -> dict[str, Any]:
+        """`widths`, `accuracy` (percent per width, NaN without boundary pixels), `counts`, `num_images`."""
+        correct, total = self.counts[:, 0], self.counts[:, 1]
+        accuracy = _ratio(correct, total) * 100.0
+        return {
+            "widths": list(self.widths),
+            "accuracy": [float(v) for v in accuracy],
+            "rounded": [float(v) for v in np.round(accuracy, 2)],
+            "counts": self.counts.tolist(),
+            "num_images": self.num_images,
+        }

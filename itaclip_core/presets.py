@@ -108,6 +108,25 @@ class SegmentorConfig:
     proxy_checkpoint: str | None = None  # proxy model weights path; None: official download; random: random weights
     proxy_beta: float = 1.2  # proxy attention: similarities below beta x their mean are removed
     proxy_gamma: float = 3.0  # proxy attention: softmax scale
+    # --- Boundary refinement (issue 12): logit refinements at the original size, in this order (see
+    # itaclip_core.refinement.logits: pamr, crf, guided), their settings, and a feature upsampler of the dense stage.
+    logit_refine: tuple[str, ...] = ("pamr",)  # "pamr" runs only when pamr_steps > 0
+    crf_iterations: int = 10  # DenseCRF mean-field iterations
+    crf_gaussian_sxy: float = 3.0  # positional kernel's standard deviation (pixels)
+    crf_gaussian_compat: float = 3.0  # positional kernel's Potts weight
+    crf_bilateral_sxy: float = 80.0  # bilateral kernel's spatial standard deviation (pixels)
+    crf_bilateral_srgb: float = 13.0  # bilateral kernel's colour standard deviation (0..255 levels)
+    crf_bilateral_compat: float = 10.0  # bilateral kernel's Potts weight
+    crf_backend: str = "lattice"  # "lattice" (fast), "exact" (O(N^2), tiny images) or "pydensecrf2" (extra crf)
+    guided_filter: str = "guided"  # "guided" (guided filter) or "joint_bilateral"
+    guided_kernel: int = 15  # odd window side (pixels)
+    guided_eps: float = 0.01  # guided filter's regulariser (guide in [0, 1])
+    guided_sigma_color: float = 0.1  # joint bilateral colour width (guide in [0, 1])
+    guided_sigma_space: float = 4.0  # joint bilateral spatial width (pixels)
+    guided_subsample: int = 1  # fast guided filter's subsampling (1: exact)
+    guided_border: str = "reflect"  # window padding at the border
+    upsampler: str | None = None  # feature upsampler of each window's patch features ("loftup"), None: none
+    upsampler_weights: str | None = None  # its checkpoint: a path, or None for the verified cache
 
     def dense_config(self) -> "DenseConfig":
         """The image tower's dense readout for these settings."""

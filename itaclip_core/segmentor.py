@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from itaclip_core.errors import ConfigError, UserError, short
@@ -32,7 +31,7 @@ from itaclip_core.model.weights import default_cache_dir, load_clip
 from itaclip_core.postprocess import postprocess
 from itaclip_core.presets import SegmentorConfig, apply_overrides, get_preset
 from itaclip_core.refinement.features import build_refinements
-from itaclip_core.refinement.pamr import pamr
+from itaclip_core.refinement.logits import build_logit_refinements, refine_logits
 from itaclip_core.resources import texts_dir
 from itaclip_core.text.classes import (
     ClassVocabulary,
@@ -44,6 +43,7 @@ from itaclip_core.text.classes import (
 )
 from itaclip_core.text.classifier import TextClassifier, build_classifier, check_prompt_lengths, load_templates
 from itaclip_core.validation import check_against_model, find_text_file, user_classes_config, validate_config
+from itaclip_core.upsamplers.window import build_upsampler
 
 ClassesInput = str | Path | Sequence[str] | Sequence[Sequence[str]] | ClassVocabulary
 
@@ -224,6 +224,7 @@ class Segmentor:
         self.cache_dir = default_cache_dir() if cache_dir is True else (cache_dir or None)
         self.progress = progress
         self.classifier: TextClassifier | None = None
+        self.logit_refinements = build_logit_refinements(self.config)
         self.engine = DenseInference(
             model,
             self.config.dense_config(),
@@ -234,6 +235,7 @@ class Segmentor:
             batch_size=self.config.batch_size,
             readout=get_readout(readout_config(self.config)),
             refinements=build_refinements(self.config),
+            upsampler=build_upsampler(self.config, model),
         )
         self.mask_stage = MaskStage(self.config, self.cache_dir, device=model.device, progress=progress)
         if classes is not None or self.config.classes is not None:
@@ -366,8 +368,8 @@ class Segmentor:
 
     @torch.no_grad()
     def query_logits(self, prepared: PreparedImage, regions: np.ndarray | None = None) -> torch.Tensor:
-        """Per-query similarities (Q, H0, W0) at the original size, after PAMR when enabled. `regions`: the masks'
-        region map at the original size, for readouts that use masks (mask attention)."""
+        """Per-query similarities (Q, H0, W0) at the original size, after the logit refinements (`logit_refine`).
+        `regions`: the masks' region map at the original size, for readouts that use masks (mask attention)."""
         if self.classifier is None:
             raise NoClassesError("no classes are set: give classes= to the Segmentor or call set_classes(...) first")
         image = prepared.tensor.to(self.model.device, torch.float32)
@@ -378,11 +380,8 @@ class Segmentor:
         return self._refine(image, logits, prepared)
 
     def _refine(self, image: torch.Tensor, logits: torch.Tensor, prepared: PreparedImage) -> torch.Tensor:
-        """PAMR on the query logits at the original size, when enabled."""
-        if self.config.pamr_steps > 0:
-            guide = F.interpolate(image[None], size=prepared.original_size, mode="bilinear")  # (1, 3, H0, W0)
-            logits = pamr(guide, logits[None], self.config.pamr_steps, self.config.pamr_dilations)[0]
-        return logits
+        """The logit refinements (`logit_refine`: PAMR, DenseCRF, guided filtering) at the original size."""
+        return refine_logits(logits, self.logit_refinements, image, prepared.original_size, self.config.logit_scale)
 
     def image_masks(self, prepared: PreparedImage, masks: Any = None) -> MaskSet | None:
         """The masks of a prepared image at its original size: `masks` as given (checked), else the configured

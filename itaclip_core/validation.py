@@ -178,6 +178,8 @@ CHECKS: dict[str, Check] = {
     "cliptrase_min_samples": integer_at_least(1),
     "cliptrase_cls_weighting": boolean(),
     "pad_to_patch": boolean(),
+    # logit refinements and the feature upsampler: names and ranges are checked by their registries
+    "crf_iterations": integer_at_least(0),
 }
 
 

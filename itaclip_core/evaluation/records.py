@@ -54,6 +54,7 @@ class ImageRecord:
     seconds: float = 0.0  # time spent predicting the image
     # non-zero cells (label, prediction, pixels) of the image's confusion matrix; None: not recorded
     confusion: tuple[tuple[int, int, int], ...] | None = None
+    trimap: tuple[int, ...] = ()  # boundary counts (correct, total) per trimap width, flattened; () if not taken
 
     def confusion_matrix(self, num_classes: int) -> np.ndarray | None:
         """The (N, N) int64 confusion matrix (rows = label, columns = prediction), or None when not recorded."""
@@ -76,6 +77,7 @@ class ImageRecord:
             "pred": list(self.pred),
             "label": list(self.label),
             "seconds": round(self.seconds, 4),
+            "trimap": list(self.trimap),
         }
         if self.confusion is not None:
             data["confusion"] = [list(cell) for cell in self.confusion]
@@ -98,6 +100,7 @@ class ImageRecord:
                 label=counts[3],
                 seconds=float(data.get("seconds", 0.0)),
                 confusion=_confusion_cells(data.get("confusion"), num_classes),
+                trimap=tuple(int(v) for v in data.get("trimap", ())),
             )
         except (ValueError, KeyError, TypeError):
             return None

@@ -16,7 +16,7 @@ from typing import Any
 
 from itaclip_core.data.base import SegDataset
 from itaclip_core.evaluation.records import atomic_write_text
-from itaclip_core.metrics import IoUAccumulator
+from itaclip_core.metrics import IoUAccumulator, TrimapAccumulator
 
 
 def _clean(value: Any) -> Any:
@@ -46,8 +46,10 @@ def build_results(
     segmentor: Any,
     manifest: dict[str, Any],
     run_info: dict[str, Any],
+    boundary: TrimapAccumulator | None = None,
 ) -> dict[str, Any]:
-    """The content of results.json (JSON-safe) from the summed counts and the run's settings."""
+    """The content of results.json (JSON-safe) from the summed counts and the run's settings (and the boundary
+    accuracy, when given)."""
     metrics = accumulator.results(dataset.class_names)
     per_class = [
         {"class": name, "IoU": iou, "Acc": acc, "IoU_rounded": iou_r, "Acc_rounded": acc_r}
@@ -74,11 +76,29 @@ def build_results(
         "run": run_info,
         "counts": metrics["counts"],
     }
+    if boundary is not None:
+        results["boundary"] = boundary.results()
     return _clean(results)
 
 
 def _fmt(value: float | None) -> str:
     return "absent" if value is None else f"{value:.2f}"
+
+
+def _boundary_lines(boundary: dict[str, Any] | None) -> list[str]:
+    """The boundary-accuracy table of results.md (nothing when it was not measured)."""
+    if not boundary or not boundary.get("num_images"):
+        return []
+    widths = boundary["widths"]
+    return [
+        "",
+        "| " + " | ".join(f"boundary acc @{w} px" for w in widths) + " |",
+        "|" + "---:|" * len(widths),
+        "| " + " | ".join(_fmt(v) for v in boundary["rounded"]) + " |",
+        "",
+        f"Pixel accuracy within {', '.join(map(str, widths))} pixels of a label boundary (trimap accuracy; the edges "
+        f"of ignored regions count as boundaries), over {boundary['num_images']} images.",
+    ]
 
 
 def format_markdown(results: dict[str, Any]) -> str:
@@ -95,6 +115,7 @@ def format_markdown(results: dict[str, Any]) -> str:
         "",
         "Scored as MMSegmentation's IoUMetric (percentages; classes absent from both predictions and labels are "
         "left out of the means).",
+        *_boundary_lines(results.get("boundary")),
         "",
         "## Settings",
         "",

@@ -38,7 +38,13 @@ from itaclip_core.evaluation.records import (
     sparse_confusion,
 )
 from itaclip_core.inference.preprocess import PreparedImage, prepare_image, read_image_bgr
-from itaclip_core.metrics import IoUAccumulator, confusion_counts, intersect_and_union
+from itaclip_core.metrics import (
+    IoUAccumulator,
+    TrimapAccumulator,
+    confusion_counts,
+    intersect_and_union,
+    trimap_counts,
+)
 
 
 class SegmentorLike(Protocol):
@@ -245,10 +251,13 @@ def evaluate(
     mine = context.shard(range(total))
     todo = [i for i in mine if i not in saved]
     accumulator = IoUAccumulator(num_classes, dataset.ignore_index)
+    boundary = TrimapAccumulator(ignore_index=dataset.ignore_index)  # boundary accuracy next to mIoU
     for index in mine:
         if index in saved:
             record = saved[index]
             accumulator.add(record.intersect, record.union, record.pred, record.label)
+            if len(record.trimap) == 2 * len(boundary.widths):  # records of older runs may lack it
+                boundary.add(record.trimap)
     palette = vis.palette(num_classes, _palette_name(dataset.name))
     long_side = int(getattr(segmentor.config, "long_side", 2048))
     loader = DataLoader(
@@ -282,10 +291,12 @@ def evaluate(
                 )
             counts = intersect_and_union(labels, gt, num_classes, dataset.ignore_index)
             confusion = sparse_confusion(confusion_counts(labels, gt, num_classes, dataset.ignore_index))
+            trimap = boundary.update(labels, gt)
             _save_outputs(options, dataset, index, labels, gt, palette)
             height, width = prepared.original_size
             writer.write(ImageRecord(index, names[index], height, width, *(tuple(c.tolist()) for c in counts),
-                                     seconds=seconds, confusion=confusion))  # fmt: skip
+                                     seconds=seconds, confusion=confusion,
+                                     trimap=tuple(trimap.reshape(-1).tolist())))  # fmt: skip
             accumulator.add(*counts)
             scored += 1
             bar.update(1)
@@ -297,6 +308,8 @@ def evaluate(
     state = context.all_reduce_sum(accumulator.state())  # (4, N)
     tallies = context.all_reduce_sum(np.array([accumulator.num_images, len(todo), len(mine) - len(todo)]))
     accumulator.load_state(state, int(tallies[0]))
+    boundary_state = context.all_reduce_sum(np.append(boundary.counts.reshape(-1), boundary.num_images))
+    boundary.counts, boundary.num_images = boundary_state[:-1].reshape(-1, 2).astype(np.int64), int(boundary_state[-1])
     run_info = {
         "world_size": context.world_size,
         "computed": int(tallies[1]),
@@ -305,7 +318,7 @@ def evaluate(
         "device": str(getattr(getattr(segmentor, "model", None), "device", context.device)),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    results = build_results(accumulator, dataset, segmentor, manifest, run_info)
+    results = build_results(accumulator, dataset, segmentor, manifest, run_info, boundary)
     if context.is_main:
         write_reports(out_dir, results)
     context.barrier()

@@ -15,7 +15,7 @@ from itaclip_core.inference.sliding import Window, stitch
 from itaclip_core.inference.views import VIEW_NAMES, make_views
 from itaclip_core.model.clip import CLIP
 from itaclip_core.postprocess import area_threshold, class_probabilities, close_labels, labels_from_probs, postprocess
-from itaclip_core.refinement.pamr import pamr
+from itaclip_core.refinement.logits import build_logit_refinements, refine_logits
 from itaclip_core.segmentor import Prediction, Segmentor
 from itaclip_core.text.classifier import TextClassifier
 
@@ -131,9 +131,8 @@ def finish_prediction(segmentor: Segmentor, prepared: PreparedImage, logits: tor
     `Segmentor.predict_prepared` does after the image side."""
     config = segmentor.config
     classifier = classifier or segmentor.classifier
-    if config.pamr_steps > 0:
-        guide = F.interpolate(prepared.tensor[None].to(logits.device), size=prepared.original_size, mode="bilinear")
-        logits = pamr(guide, logits[None], config.pamr_steps, config.pamr_dilations)[0]
+    logits = refine_logits(logits, build_logit_refinements(config), prepared.tensor.to(logits.device),
+                           prepared.original_size, config.logit_scale)  # PAMR and the other logit refinements
     result = postprocess(logits, classifier.query_to_class, config.logit_scale, prob_thd=config.prob_thd,
                          area_thd=config.area_thd, closing=config.closing, num_classes=classifier.num_classes)
     return Prediction(result.labels.cpu().numpy().astype(np.int64), result.probs.cpu().numpy(),
@@ -161,12 +160,12 @@ def pipeline_steps(segmentor: Segmentor, prepared: PreparedImage) -> list[Pipeli
             return class_probabilities(values, classifier.query_to_class, config.logit_scale, classifier.num_classes)
 
         steps.append(PipelineStep("argmax of the similarities", probs_of(logits).argmax(dim=0).cpu().numpy(), True))
-        if config.pamr_steps > 0:
-            guide = F.interpolate(image[None], size=prepared.original_size, mode="bilinear")
-            logits = pamr(guide, logits[None], config.pamr_steps, config.pamr_dilations)[0]
+        refinements = build_logit_refinements(config)  # PAMR unless `logit_refine` names others
+        logits = refine_logits(logits, refinements, image, prepared.original_size, config.logit_scale)
+        names = [r.name for r in refinements]
+        title = f"PAMR ({config.pamr_steps} steps)" if names in ([], ["pamr"]) else "refined: " + ", ".join(names)
         probs = probs_of(logits)
-        steps.append(PipelineStep(f"PAMR ({config.pamr_steps} steps)", probs.argmax(dim=0).cpu().numpy(),
-                                  config.pamr_steps > 0))  # fmt: skip
+        steps.append(PipelineStep(title, probs.argmax(dim=0).cpu().numpy(), bool(refinements)))
         probs = area_threshold(probs, config.area_thd)
         steps.append(PipelineStep(f"area threshold {config.area_thd}", probs.argmax(dim=0).cpu().numpy(),
                                   config.area_thd is not None))  # fmt: skip

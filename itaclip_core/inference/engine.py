@@ -13,6 +13,8 @@ image as one window (NACLIP's and ResCLIP's VOC settings).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from typing import TYPE_CHECKING, Sequence
@@ -25,6 +27,7 @@ from itaclip_core.model.clip import CLIP
 if TYPE_CHECKING:
     from itaclip_core.methods.base import DenseReadout
     from itaclip_core.refinement.features import FeatureRefinement
+    from itaclip_core.upsamplers.window import WindowUpsampler
 
 
 class DenseInference:
@@ -41,6 +44,7 @@ class DenseInference:
         batch_size: int | None = None,
         readout: "DenseReadout | None" = None,
         refinements: Sequence["FeatureRefinement"] = (),
+        upsampler: "WindowUpsampler | None" = None,
     ) -> None:
         """
         Args:
@@ -52,6 +56,8 @@ class DenseInference:
             batch_size: images (windows x views) per forward pass; bounds memory. None: 16 on CPU, 256 on GPU.
             readout: the dense readout (default: the `tokens` readout of `dense`).
             refinements: feature refinements applied, in order, to every window's patch features.
+            upsampler: a feature upsampler (`itaclip_core.upsamplers`) matching each window's upsampled features
+                with the text at the window's pixels, or None (text matching on the patch grid).
         """
         if batch_size is None:
             batch_size = 256 if model.device.type == "cuda" else 16
@@ -74,6 +80,10 @@ class DenseInference:
         self.refinements = list(refinements)
         if self.refinements and not readout.accepts_refinements:
             readout.check(readout.config)
+        self.upsampler = upsampler
+        if upsampler is not None and type(readout).window_logits is not _default_window_logits():
+            raise ValueError(f"upsampler={getattr(upsampler, 'name', 'loftup')}: the {readout.name!r} readout makes its "
+                             "own patch logits, so no feature upsampler fits it; allowed: upsampler=none")
 
     @property
     def num_views(self) -> int:
@@ -154,3 +164,10 @@ class DenseInference:
                 results[i] = stitch(patch, windows[i], tuple(images[i].shape[-2:]), original_sizes[i])
                 start += count
         return [r for r in results if r is not None]
+
+
+def _default_window_logits():
+    """`DenseReadout.window_logits`, the patch-feature route a feature upsampler plugs into."""
+    from itaclip_core.methods.base import DenseReadout
+
+    return DenseReadout.window_logits

@@ -169,7 +169,11 @@ class DenseReadout:
             context = RefineContext(crops.to(engine.model.device), text, self.config, engine.model.visual.patch_size)
             for refinement in refinements:
                 features = refinement.refine(features, context)
-        logits = (features @ text.T).permute(0, 3, 1, 2)
+        upsampler = getattr(engine, "upsampler", None)
+        if upsampler is not None:  # (n, Q, h, w) at the window's pixels; the stitch averages per-pixel logits
+            logits = upsampler.window_logits(features, crops.to(engine.model.device), text)
+        else:
+            logits = (features @ text.T).permute(0, 3, 1, 2)
         return crop_padded_logits(logits, crops.shape[-2:], pad) if pad else logits
 
     def revise_labels(self, labels: torch.Tensor, windows: Sequence["Window"], image_size: tuple[int, int]

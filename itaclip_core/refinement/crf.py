@@ -1,0 +1,467 @@
+"""Fully connected CRF (DenseCRF) mean-field inference in PyTorch, with pydensecrf's semantics.
+
+The model is Krähenbühl and Koltun's, as pydensecrf (`DenseCRF2D`) sets it up from class probabilities P (K, H, W)
+and an RGB image:
+
+- unary U = -log(clip(P, 1e-5, 1)) (pydensecrf's `unary_from_softmax`);
+- a Gaussian kernel on the features f = (x / gaussian_sxy, y / gaussian_sxy) and a bilateral kernel on
+  f = (x / bilateral_sxy, y / bilateral_sxy, r / srgb, g / srgb, b / srgb), x the column and y the row, each
+  k(f_i, f_j) = exp(-|f_i - f_j|^2 / 2) over all pairs of pixels, the pixel itself included;
+- symmetric normalisation of each kernel, K~ = D^-1/2 K D^-1/2 with D = K 1 (`NORMALIZE_SYMMETRIC`);
+- Potts compatibility with weights `gaussian_compat` and `bilateral_compat`;
+- mean field: Q0 = softmax(-U), then `iterations` times Q = softmax(-U + sum_m w_m K~_m Q), over the classes.
+
+Two ways of applying the kernels ("messages") are behind `dense_crf(..., backend=...)`:
+
+- `"exact"`: the N x N kernels, evaluated in row blocks. O(N^2): for small images and as the reference in tests.
+- `"lattice"` (default): a permutohedral lattice (Adams et al. 2010) written in PyTorch, following the
+  construction pydensecrf uses (elevation, rounding to the closest remainder-0 point, barycentric weights, a
+  [1/2, 1, 1/2] blur along each of the d + 1 lattice directions, and the same scaling constants). It is chosen over
+  a bilateral grid because it is the approximation pydensecrf itself makes, so the two agree on the labels rather
+  than only approximating the same ideal kernel differently, and because its cost is linear in the feature
+  dimension (d + 1 vertices per pixel) where a 5-D grid needs 2^5 corners per pixel and a dense 5-D array of cells.
+  Splatting and slicing are weighted sums of rows (`embedding_bag`), so the same code runs on the CPU and CUDA.
+- `"pydensecrf2"`: the optional C++ package (extra `crf`), as a third backend and as a check.
+
+Everything runs on the device of the probabilities, in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("lattice", "exact", "pydensecrf2")
+UNARY_CLIP = 1e-5  # pydensecrf's unary_from_softmax clip
+
+# Exact kernels are evaluated in blocks of about this many (row x N) elements.
+EXACT_BLOCK_ELEMENTS = 1 << 22
+# Up to this many pixel pairs the exact kernels are kept as N x N matrices (64 MiB in float32).
+EXACT_CACHE_ELEMENTS = 1 << 24
+# The lattice mean field slices, adds the unary and normalises this many pixels at a time.
+LATTICE_CHUNK_PIXELS = 4096
+
+
+class CRFSettingError(ValueError):
+    """A DenseCRF setting or input is out of range."""
+
+
+# --------------------------------------------------------------------------------------------------- features
+def gaussian_features(height: int, width: int, sxy: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N, 2) features (x / sxy, y / sxy) of the pixels in row-major order (pydensecrf's addPairwiseGaussian)."""
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32, device=device),
+        torch.arange(width, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    return torch.stack([xs.reshape(-1) / sxy, ys.reshape(-1) / sxy], dim=1)
+
+
+def bilateral_features(image: torch.Tensor, sxy: float, srgb: float) -> torch.Tensor:
+    """(N, 5) features (x / sxy, y / sxy, r / srgb, g / srgb, b / srgb) of an (H, W, 3) image, row-major."""
+    height, width = image.shape[:2]
+    position = gaussian_features(height, width, sxy, image.device)
+    colour = image.reshape(-1, 3).float() / srgb
+    return torch.cat([position, colour], dim=1)
+
+
+# --------------------------------------------------------------------------------------------------- kernels
+class ExactKernel:
+    """The symmetric-normalised kernel exp(-|f_i - f_j|^2 / 2) over all pairs of pixels.
+
+    Up to `EXACT_CACHE_ELEMENTS` pairs the normalised N x N matrix is built once and each application is a matrix
+    product; beyond that it is recomputed in row blocks at every application (O(N^2) time, bounded memory).
+    """
+
+    def __init__(self, features: torch.Tensor, block_elements: int | None = None) -> None:
+        self.features = features.float()
+        count = features.shape[0]
+        block_elements = EXACT_BLOCK_ELEMENTS if block_elements is None else block_elements
+        self.block = max(1, block_elements // max(1, count))
+        self.matrix: torch.Tensor | None = None
+        if count * count <= EXACT_CACHE_ELEMENTS:
+            self.matrix = torch.cat([self._block(start) for start in range(0, count, self.block)])  # (N, N)
+            self.norm = 1.0 / torch.sqrt(self.matrix.sum(dim=1, keepdim=True) + 1e-20)  # (N, 1)
+            self.matrix = self.norm * self.matrix * self.norm.T
+        else:
+            ones = torch.ones(count, 1, dtype=torch.float32, device=features.device)
+            self.norm = 1.0 / torch.sqrt(self._raw(ones) + 1e-20)  # (N, 1)
+
+    def _block(self, start: int) -> torch.Tensor:
+        """Rows start : start + block of the kernel matrix."""
+        rows = self.features[start : start + self.block]  # (b, d)
+        dist2 = (rows[:, None, :] - self.features[None, :, :]).square().sum(dim=-1)  # (b, N)
+        return torch.exp(-0.5 * dist2)
+
+    def _raw(self, values: torch.Tensor) -> torch.Tensor:
+        """K @ values for values (N, C), block by block."""
+        out = torch.empty_like(values)
+        for start in range(0, self.features.shape[0], self.block):
+            out[start : start + self.block] = self._block(start) @ values
+        return out
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        """K~ @ values for values (N, C)."""
+        if self.matrix is not None:
+            return self.matrix @ values
+        return self.norm * self._raw(self.norm * values)
+
+
+class PermutohedralKernel:
+    """The symmetric-normalised Gaussian kernel on features (N, d), approximated on a permutohedral lattice.
+
+    The lattice is built as in pydensecrf's `Permutohedral::init`: features are scaled by
+    sqrt(2/3) (d + 1) / sqrt((i + 1)(i + 2)), elevated onto the hyperplane x . 1 = 0 of R^{d+1}, rounded to the
+    closest remainder-0 lattice point, and each pixel is splatted onto the d + 1 vertices of its simplex with its
+    barycentric weights. Filtering is splat, a blur v + (v_prev + v_next) / 2 along each lattice direction in order
+    0..d (missing neighbours count as 0), and slice, times pydensecrf's constant 1 / (1 + 2^-d).
+    """
+
+    def __init__(self, features: torch.Tensor) -> None:
+        feats = features.float()
+        count, dim = feats.shape
+        device = feats.device
+        self.dim = dim
+        # Elevation (pydensecrf: inv_std_dev = sqrt(2/3) (d + 1); scale_i = inv_std_dev / sqrt((i + 1)(i + 2))).
+        inv_std = math.sqrt(2.0 / 3.0) * (dim + 1)
+        scale = torch.tensor(
+            [inv_std / math.sqrt((i + 2) * (i + 1)) for i in range(dim)], dtype=torch.float32, device=device
+        )
+        cf = feats * scale  # (N, d)
+        suffix = cf.flip(1).cumsum(1).flip(1)  # suffix[:, j] = sum_{i >= j} cf[:, i], summed from the last
+        elevated = torch.empty(count, dim + 1, dtype=torch.float32, device=device)
+        elevated[:, 0] = suffix[:, 0]
+        steps = torch.arange(1, dim + 1, dtype=torch.float32, device=device)
+        tail = torch.cat([suffix[:, 1:], torch.zeros(count, 1, device=device)], dim=1)  # sum_{i >= j} for j = 1..d
+        elevated[:, 1:] = tail - steps * cf
+        # Closest remainder-0 point: each coordinate rounded to a multiple of d + 1.
+        down_factor = torch.tensor(1.0 / (dim + 1), dtype=torch.float32)
+        v = elevated * down_factor
+        up = torch.ceil(v) * (dim + 1)
+        down = torch.floor(v) * (dim + 1)
+        rem0 = torch.where(up - elevated < elevated - down, up, down)
+        total = torch.round(rem0.sum(dim=1) / (dim + 1)).long()  # (N,) how far off the plane the rounding went
+        # Rank of each coordinate's residual (ties: the later coordinate ranks higher, as in pydensecrf).
+        resid = elevated - rem0
+        later = torch.triu(torch.ones(dim + 1, dim + 1, dtype=torch.bool, device=device), diagonal=1)  # j > i
+        greater = resid[:, None, :] > resid[:, :, None]  # [n, i, j]: resid_j > resid_i
+        greater_eq = resid[:, None, :] >= resid[:, :, None]
+        rank = (greater & later).sum(dim=2) + (greater_eq & ~later & ~torch.eye(dim + 1, dtype=torch.bool,
+                                                                                 device=device)).sum(dim=2)
+        rank = rank + total[:, None]
+        rem0 = rem0.long()
+        low = rank < 0
+        high = rank > dim
+        rank = torch.where(low, rank + dim + 1, torch.where(high, rank - dim - 1, rank))
+        rem0 = torch.where(low, rem0 + dim + 1, torch.where(high, rem0 - dim - 1, rem0))
+        # Barycentric weights.
+        vals = (elevated - rem0.float()) * down_factor  # (N, d + 1)
+        bary = torch.zeros(count, dim + 2, dtype=torch.float32, device=device)
+        bary.scatter_add_(1, dim - rank, vals)
+        bary.scatter_add_(1, dim - rank + 1, -vals)
+        bary[:, 0] += 1.0 + bary[:, dim + 1]
+        weights = bary[:, : dim + 1]  # (N, d + 1), one per remainder
+        # The d + 1 vertices: key_i = rem0_i + canonical[r][rank_i], canonical[r][j] = r if j <= d - r else r - d - 1.
+        remainders = torch.arange(dim + 1, device=device)
+        canonical = torch.where(
+            remainders[None, :] <= dim - remainders[:, None], remainders[:, None], remainders[:, None] - dim - 1
+        )  # (r, j)
+        keys = rem0[:, None, :dim] + canonical[:, rank[:, :dim]].permute(1, 0, 2)  # (N, d + 1, d)
+        keys = keys.reshape(-1, dim)
+        # Hash the keys: a mixed-radix code of the coordinates (with room for the +-d neighbour steps).
+        lowest = keys.min(dim=0).values - (dim + 1)
+        spans = keys.max(dim=0).values - lowest + dim + 2
+        radix = torch.ones(dim, dtype=torch.long, device=device)
+        product = 1
+        for i in range(dim - 1, -1, -1):
+            radix[i] = product
+            product *= int(spans[i])
+        if product >= 2**62:
+            raise CRFSettingError(
+                "the lattice is too large to index (feature range over scale too wide): increase the kernel's sxy or "
+                "srgb, or use backend='pydensecrf2'"
+            )
+        codes = ((keys - lowest) * radix).sum(dim=1)
+        unique, inverse = torch.unique(codes, sorted=True, return_inverse=True)
+        points = unique.shape[0]
+        self.num_points = points
+        lattice_keys = torch.empty(points, dim, dtype=torch.long, device=device)
+        lattice_keys[inverse] = keys
+        # Neighbours along each direction j (0 = missing; lattice values live in rows 1..M).
+        neighbours = []
+        for j in range(dim + 1):
+            n1 = lattice_keys - 1
+            n2 = lattice_keys + 1
+            if j < dim:
+                n1[:, j] = lattice_keys[:, j] + dim
+                n2[:, j] = lattice_keys[:, j] - dim
+            pair = []
+            for n in (n1, n2):
+                code = ((n - lowest) * radix).sum(dim=1)
+                pos = torch.searchsorted(unique, code).clamp(max=points - 1)
+                found = unique[pos] == code
+                index = torch.where(found, pos + 1, torch.zeros_like(pos))
+                pair.append(torch.cat([torch.zeros(1, dtype=torch.long, device=device), index]))
+            neighbours.append(tuple(pair))
+        self.neighbours = neighbours
+        # Splat and slice as weighted bags of rows (`embedding_bag`): slicing sums d + 1 lattice rows per pixel,
+        # splatting sums the pixel rows of each lattice point (pixels sorted by lattice point, CSR-like offsets).
+        self.count = count
+        self.slice_index = (inverse.reshape(count, dim + 1) + 1).contiguous()  # (N, d + 1) rows of the lattice
+        self.slice_weight = weights.contiguous()  # (N, d + 1)
+        order = torch.argsort(self.slice_index.reshape(-1), stable=True)
+        vertex = self.slice_index.reshape(-1)[order]
+        self.splat_index = torch.div(order, dim + 1, rounding_mode="floor")  # pixel of each sorted entry
+        self.splat_weight = weights.reshape(-1)[order].contiguous()
+        starts = torch.searchsorted(vertex, torch.arange(points + 1, device=device))
+        self.splat_offsets = starts  # bag m (lattice row m) = entries starts[m] : starts[m + 1]; row 0 is empty
+        self.alpha = 1.0 / (1.0 + 2.0 ** (-dim))
+        ones = torch.ones(count, 1, dtype=torch.float32, device=device)
+        norm = 1.0 / torch.sqrt(self._raw(ones) + 1e-20)  # (N, 1)
+        # Fold the symmetric normalisation into the weights: K~ v = n * slice(blur(splat(n * v))).
+        self.splat_weight = self.splat_weight * norm[self.splat_index, 0]
+        self.slice_weight = self.slice_weight * norm
+        self.norm = norm
+
+    def _raw(self, values: torch.Tensor) -> torch.Tensor:
+        """The lattice's approximation of K @ values for values (N, C) (with the current splat/slice weights)."""
+        lattice = F.embedding_bag(
+            self.splat_index, values, self.splat_offsets, mode="sum", per_sample_weights=self.splat_weight
+        )  # (M + 1, C); row 0 (missing neighbours) is an empty bag, i.e. 0
+        for n1, n2 in self.neighbours:
+            lattice = lattice + 0.5 * (lattice[n1] + lattice[n2])
+        return F.embedding_bag(self.slice_index, lattice * self.alpha, mode="sum",
+                               per_sample_weights=self.slice_weight)
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        """K~ @ values for values (N, C)."""
+        return self._raw(values)
+
+
+class CombinedLatticeMessages:
+    """sum_m w_m K~_m v for several permutohedral kernels with one splat and one slice over all their lattices.
+
+    The lattices' rows are stacked into one table: one `embedding_bag` splats v onto all of them, each is blurred
+    along its own directions, and one `embedding_bag` of (d_1 + 1) + (d_2 + 1) + ... rows per pixel, with the
+    Potts weights folded into the slice weights, gives the summed messages. Same result as applying the kernels
+    one by one (up to float summation order), with fewer passes over the (N, K) arrays.
+    """
+
+    def __init__(self, kernels: list[tuple[float, PermutohedralKernel]]) -> None:
+        self.parts = []
+        splat_index, splat_weight, offsets, slice_index, slice_weight = [], [], [], [], []
+        row = 0
+        entries = 0
+        for weight, kernel in kernels:
+            rows = kernel.num_points + 1
+            self.parts.append((row, rows, kernel.neighbours))
+            splat_index.append(kernel.splat_index)
+            splat_weight.append(kernel.splat_weight)
+            offsets.append(kernel.splat_offsets + entries)
+            slice_index.append(kernel.slice_index + row)
+            slice_weight.append(kernel.slice_weight * (weight * kernel.alpha))
+            row += rows
+            entries += kernel.splat_index.shape[0]
+        self.splat_index = torch.cat(splat_index)
+        self.splat_weight = torch.cat(splat_weight)
+        self.splat_offsets = torch.cat(offsets)
+        self.slice_index = torch.cat(slice_index, dim=1).contiguous()
+        self.slice_weight = torch.cat(slice_weight, dim=1).contiguous()
+
+    def lattice(self, values: torch.Tensor) -> torch.Tensor:
+        """Splat and blur: the stacked lattice values (sum of M_m + 1, C)."""
+        table = F.embedding_bag(self.splat_index, values, self.splat_offsets, mode="sum",
+                                per_sample_weights=self.splat_weight)
+        blurred = []
+        for start, rows, neighbours in self.parts:
+            lattice = table[start : start + rows]
+            for n1, n2 in neighbours:
+                lattice = lattice + 0.5 * (lattice[n1] + lattice[n2])
+            blurred.append(lattice)
+        return torch.cat(blurred)
+
+    def slice(self, table: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The summed messages of pixels start:stop from the lattice values."""
+        return F.embedding_bag(self.slice_index[start:stop], table, mode="sum",
+                               per_sample_weights=self.slice_weight[start:stop])
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        return self.slice(self.lattice(values))
+
+
+def lattice_mean_field(unary: torch.Tensor, messages: CombinedLatticeMessages, iterations: int,
+                       chunk_pixels: int = LATTICE_CHUNK_PIXELS) -> torch.Tensor:
+    """`mean_field` for lattice messages: after each splat and blur, the slice, the unary and the softmax run over
+    blocks of pixels, so each block's (pixels, K) energies stay in the cache (same result as `mean_field`)."""
+    q = torch.softmax(-unary, dim=1)
+    for _ in range(iterations):
+        table = messages.lattice(q)  # from the previous Q, before any block of Q is overwritten
+        for start in range(0, unary.shape[0], chunk_pixels):
+            stop = start + chunk_pixels
+            energy = messages.slice(table, start, stop).sub_(unary[start:stop])
+            q[start:stop] = torch.softmax(energy, dim=1)
+    return q
+
+
+KERNELS: dict[str, Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "exact": ExactKernel,
+    "lattice": PermutohedralKernel,
+}
+
+
+# --------------------------------------------------------------------------------------------------- checks
+def check_settings(
+    iterations: int,
+    gaussian_sxy: float,
+    gaussian_compat: float,
+    bilateral_sxy: float,
+    bilateral_srgb: float,
+    bilateral_compat: float,
+    backend: str = "lattice",
+) -> None:
+    """Raise `CRFSettingError` naming the first out-of-range setting."""
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
+        raise CRFSettingError(f"crf iterations is {iterations!r}: give a non-negative integer (default 10)")
+    for name, value in (("gaussian_sxy", gaussian_sxy), ("bilateral_sxy", bilateral_sxy),
+                        ("bilateral_srgb", bilateral_srgb)):
+        if not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value <= 0:
+            raise CRFSettingError(f"crf {name} is {value!r}: give a finite positive standard deviation")
+    for name, value in (("gaussian_compat", gaussian_compat), ("bilateral_compat", bilateral_compat)):
+        if not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value < 0:
+            raise CRFSettingError(f"crf {name} is {value!r}: give a finite non-negative Potts weight (0 disables it)")
+    if backend not in BACKENDS:
+        raise CRFSettingError(f"crf backend is {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def _as_probs(probs: torch.Tensor | np.ndarray) -> torch.Tensor:
+    tensor = torch.as_tensor(probs)
+    if tensor.ndim != 3 or not tensor.is_floating_point():
+        raise CRFSettingError(
+            f"probs has shape {tuple(tensor.shape)} and dtype {tensor.dtype}: expected (K, H, W) float probabilities"
+        )
+    if tensor.shape[0] < 1 or tensor.shape[1] < 1 or tensor.shape[2] < 1:
+        raise CRFSettingError(f"probs has shape {tuple(tensor.shape)}: every dimension must be at least 1")
+    if not bool(torch.isfinite(tensor).all()):
+        raise CRFSettingError("probs holds NaN or infinite values: give class probabilities in [0, 1]")
+    return tensor
+
+
+def _as_image(image: torch.Tensor | np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    tensor = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image)
+    if tensor.dtype != torch.uint8 or tensor.ndim != 3 or tensor.shape[2] != 3:
+        raise CRFSettingError(
+            f"image has shape {tuple(tensor.shape)} and dtype {tensor.dtype}: expected (H, W, 3) uint8 RGB"
+        )
+    if tuple(tensor.shape[:2]) != size:
+        raise CRFSettingError(f"image is {tuple(tensor.shape[:2])} but probs are {size} (H, W): give the same size")
+    return tensor.to(device)
+
+
+# --------------------------------------------------------------------------------------------------- inference
+def mean_field(
+    unary: torch.Tensor,
+    kernels: list[tuple[float, Callable[[torch.Tensor], torch.Tensor]]],
+    iterations: int,
+) -> torch.Tensor:
+    """pydensecrf's `DenseCRF::inference` with Potts terms: unary (N, K) energies -> Q (N, K).
+
+    Args:
+        unary: (N, K) unary energies.
+        kernels: (Potts weight w, normalised kernel K~) pairs; each iteration adds w K~ Q to -unary.
+        iterations: mean-field iterations.
+    """
+    q = torch.softmax(-unary, dim=1)
+    for _ in range(iterations):
+        energy = None
+        for weight, kernel in kernels:
+            message = kernel(q)
+            if energy is None:
+                energy = message if weight == 1.0 else message.mul_(weight)
+            else:
+                energy.add_(message, alpha=weight)
+        energy = -unary if energy is None else energy.sub_(unary)
+        q = torch.softmax(energy, dim=1)
+    return q
+
+
+def _pydensecrf2(probs: np.ndarray, image: np.ndarray, iterations: int, gaussian_sxy: float, gaussian_compat: float,
+                 bilateral_sxy: float, bilateral_srgb: float, bilateral_compat: float) -> np.ndarray:
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError as error:
+        raise ImportError(
+            "backend='pydensecrf2' needs the optional package pydensecrf2 (a C++ compiler, Python 3.11 or 3.12): "
+            "pip install 'itaclip-core[crf]' or make install; or use backend='lattice'"
+        ) from error
+    classes, height, width = probs.shape
+    crf = dcrf.DenseCRF2D(width, height, classes)
+    unary = -np.log(np.clip(probs, UNARY_CLIP, 1.0)).reshape(classes, -1).astype(np.float32)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary))
+    if gaussian_compat > 0:
+        crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
+    if bilateral_compat > 0:
+        crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(image),
+                                 compat=bilateral_compat)
+    q = np.array(crf.inference(iterations), dtype=np.float32)
+    return q.reshape(classes, height, width)
+
+
+def dense_crf(
+    probs: torch.Tensor | np.ndarray,
+    image: torch.Tensor | np.ndarray,
+    iterations: int = 10,
+    gaussian_sxy: float = 3.0,
+    gaussian_compat: float = 3.0,
+    bilateral_sxy: float = 80.0,
+    bilateral_srgb: float = 13.0,
+    bilateral_compat: float = 10.0,
+    backend: str = "lattice",
+) -> torch.Tensor | np.ndarray:
+    """Refine class probabilities with a fully connected CRF (pydensecrf's model and mean-field inference).
+
+    Args:
+        probs: (K, H, W) class probabilities (a tensor or a numpy array), e.g. a softmax over classes.
+        image: (H, W, 3) uint8 RGB image of the same size (tensor or numpy).
+        iterations: mean-field iterations (0 returns softmax(log clip(P)), i.e. P renormalised after the clip).
+        gaussian_sxy, gaussian_compat: positional kernel's standard deviation in pixels and Potts weight.
+        bilateral_sxy, bilateral_srgb, bilateral_compat: bilateral kernel's standard deviations in pixels and in
+            colour levels, and its Potts weight. A weight of 0 leaves that kernel out.
+        backend: "lattice" (permutohedral lattice, fast), "exact" (O(N^2), small images) or "pydensecrf2" (the C++
+            package, CPU).
+
+    Returns:
+        (K, H, W) float32 refined probabilities on the probabilities' device: a tensor for a tensor input, a numpy
+        array for a numpy input.
+    """
+    check_settings(iterations, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat,
+                   backend)
+    as_numpy = isinstance(probs, np.ndarray)
+    tensor = _as_probs(probs)
+    classes, height, width = tensor.shape
+    device = tensor.device
+    rgb = _as_image(image, (height, width), device)
+    if backend == "pydensecrf2":
+        out = _pydensecrf2(tensor.detach().float().cpu().numpy(), rgb.cpu().numpy(), int(iterations),
+                           float(gaussian_sxy), float(gaussian_compat), float(bilateral_sxy), float(bilateral_srgb),
+                           float(bilateral_compat))
+        return out if as_numpy else torch.from_numpy(out).to(device)
+    with torch.no_grad():
+        unary = -torch.log(tensor.float().clamp(UNARY_CLIP, 1.0)).reshape(classes, -1).T  # (N, K)
+        make = KERNELS[backend]
+        kernels = []
+        if gaussian_compat > 0 and iterations > 0:
+            positions = gaussian_features(height, width, float(gaussian_sxy), device)
+            kernels.append((float(gaussian_compat), make(positions)))
+        if bilateral_compat > 0 and iterations > 0:
+            kernels.append((float(bilateral_compat),
+                            make(bilateral_features(rgb, float(bilateral_sxy), float(bilateral_srgb)))))
+        if backend == "lattice" and kernels:
+            q = lattice_mean_field(unary.contiguous(), CombinedLatticeMessages(kernels), int(iterations))
+        else:
+            q = mean_field(unary.contiguous(), kernels, int(iterations))
+        out = q.T.reshape(classes, height, width).contiguous()
+    return out.cpu().numpy() if as_numpy else out

@@ -1,0 +1,245 @@
+"""DenseCRF: the exact path against a literal mean field written here, the lattice against the exact path and
+against pydensecrf2 (when installed), the settings' errors, and CPU/GPU agreement."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from itaclip_core.refinement import dense_crf
+from itaclip_core.refinement.crf import CRFSettingError
+
+
+def _literal_mean_field(probs: np.ndarray, image: np.ndarray, iterations: int, gsxy: float, gw: float, bsxy: float,
+                        bsrgb: float, bw: float) -> np.ndarray:
+    """pydensecrf's model written out in float64 with dense N x N kernels."""
+    classes, height, width = probs.shape
+    ys, xs = np.mgrid[0:height, 0:width]
+    pos = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float64)
+    rgb = image.reshape(-1, 3).astype(np.float64)
+    kernels = []
+    for weight, feats in ((gw, pos / gsxy), (bw, np.concatenate([pos / bsxy, rgb / bsrgb], axis=1))):
+        diff = feats[:, None, :] - feats[None, :, :]
+        kernel = np.exp(-0.5 * (diff**2).sum(-1))  # (N, N), self term included
+        degree = kernel.sum(1)
+        kernels.append((weight, kernel / np.sqrt(degree[:, None] * degree[None, :])))
+    unary = -np.log(np.clip(probs.reshape(classes, -1), 1e-5, 1.0))  # (K, N)
+
+    def softmax(x):
+        e = np.exp(x - x.max(0, keepdims=True))
+        return e / e.sum(0, keepdims=True)
+
+    q = softmax(-unary)
+    for _ in range(iterations):
+        energy = -unary + sum(w * (k @ q.T).T for w, k in kernels)
+        q = softmax(energy)
+    return q.reshape(classes, height, width)
+
+
+def _random_probs(rng: np.random.Generator, classes: int, height: int, width: int, scale: float = 2.0) -> np.ndarray:
+    logits = rng.normal(0, scale, (classes, height, width))
+    p = np.exp(logits - logits.max(0))
+    return (p / p.sum(0)).astype(np.float32)
+
+
+def _structured(rng: np.random.Generator, height: int, width: int, classes: int = 4, noise: float = 0.8):
+    """Blocky colour image and noisy probabilities that favour the block labels."""
+    labels = np.zeros((height, width), np.int64)
+    labels[:, width // 3 :] = 1
+    labels[height // 2 :, 2 * width // 3 :] = 2
+    labels[: height // 3, : width // 4] = 3 % classes
+    colours = np.array([(200, 40, 40), (40, 180, 40), (40, 40, 200), (220, 220, 60), (120, 120, 120)])[:classes]
+    image = colours[labels] + rng.integers(-12, 13, (height, width, 3))
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    logits = 2.0 * np.eye(classes)[labels].transpose(2, 0, 1) + rng.normal(0, noise, (classes, height, width))
+    p = np.exp(logits - logits.max(0))
+    return (p / p.sum(0)).astype(np.float32), image
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 5])
+def test_exact_path_equals_a_literal_mean_field(iterations):
+    rng = np.random.default_rng(iterations)
+    probs = _random_probs(rng, 3, 6, 7)
+    probs[0, 0, 0] = 0.0  # exercises the 1e-5 clip
+    image = rng.integers(0, 256, (6, 7, 3)).astype(np.uint8)
+    settings = dict(gaussian_sxy=1.5, gaussian_compat=3.0, bilateral_sxy=4.0, bilateral_srgb=40.0,
+                    bilateral_compat=5.0)
+    out = dense_crf(probs, image, iterations=iterations, backend="exact", **settings)
+    expected = _literal_mean_field(probs, image, iterations, 1.5, 3.0, 4.0, 40.0, 5.0)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == probs.shape
+    assert np.abs(out - expected).max() < 1e-5
+    if iterations:
+        assert np.abs(out - probs).max() > 1e-2  # the messages did something
+
+
+def test_exact_path_with_default_settings_and_a_tensor_input():
+    rng = np.random.default_rng(3)
+    probs, image = _structured(rng, 10, 12)
+    out = dense_crf(torch.from_numpy(probs), torch.from_numpy(image), backend="exact")
+    expected = _literal_mean_field(probs, image, 10, 3.0, 3.0, 80.0, 13.0, 10.0)
+    assert torch.is_tensor(out) and out.dtype == torch.float32
+    assert np.abs(out.numpy() - expected).max() < 1e-5
+    torch.testing.assert_close(out.sum(0), torch.ones(10, 12), atol=1e-5, rtol=0)
+
+
+def test_a_zero_weight_leaves_its_kernel_out():
+    rng = np.random.default_rng(4)
+    probs, image = _structured(rng, 8, 9)
+    out = dense_crf(probs, image, iterations=3, bilateral_compat=0.0, backend="exact")
+    expected = _literal_mean_field(probs, image, 3, 3.0, 3.0, 80.0, 13.0, 0.0)
+    assert np.abs(out - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lattice_agrees_with_the_exact_path_on_structured_images(seed):
+    rng = np.random.default_rng(seed)
+    probs, image = _structured(rng, 40, 52)
+    exact = dense_crf(probs, image, backend="exact")
+    lattice = dense_crf(probs, image, backend="lattice")
+    assert (exact.argmax(0) == lattice.argmax(0)).mean() >= 0.99
+    assert np.abs(exact - lattice).mean() < 1e-2
+    assert (lattice.argmax(0) != probs.argmax(0)).any()  # the CRF changed labels
+
+
+def _natural_like(rng: np.random.Generator, height: int, width: int, classes: int):
+    """Smooth shapes with gradients and texture, and coarse probabilities upsampled from a small grid."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    labels = ((np.sin(xs / 9.0) + np.cos(ys / 7.0) + xs / width) * classes / 3.0).astype(np.int64) % classes
+    colours = rng.integers(0, 256, (classes, 3)).astype(np.float64)
+    image = colours[labels] + 20 * np.sin(xs / 5.0)[..., None] + rng.normal(0, 6, (height, width, 3))
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    small = rng.normal(0, 1.0, (classes, height // 8, width // 8))
+    coarse = torch.nn.functional.interpolate(torch.from_numpy(small)[None], size=(height, width), mode="bilinear")
+    logits = 1.5 * np.eye(classes)[labels].transpose(2, 0, 1) + coarse[0].numpy()
+    p = np.exp(logits - logits.max(0))
+    return (p / p.sum(0)).astype(np.float32), image
+
+
+@pytest.mark.parametrize("case", ["blocks", "natural"])
+def test_agreement_with_pydensecrf2(case):
+    pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (extra crf) is not installed")
+    rng = np.random.default_rng(7)
+    if case == "blocks":
+        probs, image = _structured(rng, 48, 64)
+    else:
+        probs, image = _natural_like(rng, 48, 64, 5)
+    reference = dense_crf(probs, image, backend="pydensecrf2")
+    assert isinstance(reference, np.ndarray) and reference.shape == probs.shape
+    lattice = dense_crf(probs, image, backend="lattice")
+    exact = dense_crf(probs, image, backend="exact")
+    assert (lattice.argmax(0) == reference.argmax(0)).mean() >= 0.99
+    assert (exact.argmax(0) == reference.argmax(0)).mean() == 1.0
+    assert (reference.argmax(0) != probs.argmax(0)).any()
+
+
+def test_pydensecrf2_backend_against_the_package_called_directly():
+    dcrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (extra crf) is not installed")
+    rng = np.random.default_rng(8)
+    probs, image = _structured(rng, 20, 30)
+    crf = dcrf.DenseCRF2D(30, 20, 4)
+    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(probs, 1e-5, 1)).reshape(4, -1)))
+    crf.addPairwiseGaussian(sxy=2.0, compat=1.0)
+    crf.addPairwiseBilateral(sxy=30.0, srgb=20.0, rgbim=image, compat=4.0)
+    expected = np.array(crf.inference(4)).reshape(4, 20, 30)
+    out = dense_crf(probs, image, iterations=4, gaussian_sxy=2.0, gaussian_compat=1.0, bilateral_sxy=30.0,
+                    bilateral_srgb=20.0, bilateral_compat=4.0, backend="pydensecrf2")
+    assert np.abs(out - expected).max() < 1e-6
+    lattice = dense_crf(probs, image, iterations=4, gaussian_sxy=2.0, gaussian_compat=1.0, bilateral_sxy=30.0,
+                        bilateral_srgb=20.0, bilateral_compat=4.0)
+    assert (lattice.argmax(0) == expected.argmax(0)).mean() >= 0.99
+
+
+def test_zero_iterations_is_the_clipped_renormalised_input():
+    rng = np.random.default_rng(9)
+    probs = _random_probs(rng, 4, 5, 6, scale=6.0)
+    out = dense_crf(probs, np.zeros((5, 6, 3), np.uint8), iterations=0)
+    clipped = np.clip(probs, 1e-5, 1.0)
+    assert np.abs(out - clipped / clipped.sum(0)).max() < 1e-6
+
+
+@pytest.mark.parametrize(
+    "changes, word",
+    [
+        (dict(iterations=-1), "iterations"),
+        (dict(iterations=2.5), "iterations"),
+        (dict(gaussian_sxy=0.0), "gaussian_sxy"),
+        (dict(bilateral_sxy=-3.0), "bilateral_sxy"),
+        (dict(bilateral_srgb=math.nan), "bilateral_srgb"),
+        (dict(gaussian_compat=-1.0), "gaussian_compat"),
+        (dict(bilateral_compat=math.inf), "bilateral_compat"),
+        (dict(backend="densecrf"), "backend"),
+    ],
+)
+def test_out_of_range_settings_are_named(changes, word):
+    probs = np.full((2, 4, 4), 0.5, np.float32)
+    with pytest.raises(CRFSettingError, match=word):
+        dense_crf(probs, np.zeros((4, 4, 3), np.uint8), **changes)
+
+
+def test_bad_inputs_are_explained():
+    probs = np.full((2, 4, 4), 0.5, np.float32)
+    with pytest.raises(CRFSettingError, match="uint8"):
+        dense_crf(probs, np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(CRFSettingError, match="same size"):
+        dense_crf(probs, np.zeros((4, 5, 3), np.uint8))
+    with pytest.raises(CRFSettingError, match=r"\(K, H, W\)"):
+        dense_crf(probs[0], np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(CRFSettingError, match="NaN"):
+        dense_crf(np.full((2, 4, 4), np.nan, np.float32), np.zeros((4, 4, 3), np.uint8))
+
+
+def test_missing_pydensecrf2_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("pydensecrf"):
+            raise ImportError("no pydensecrf")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r"itaclip-core\[crf\]"):
+        dense_crf(np.full((2, 4, 4), 0.5, np.float32), np.zeros((4, 4, 3), np.uint8), backend="pydensecrf2")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["lattice", "exact"])
+def test_gpu_matches_cpu(backend):
+    rng = np.random.default_rng(10)
+    probs, image = _natural_like(rng, 40, 56, 5)
+    cpu = dense_crf(torch.from_numpy(probs), image, backend=backend)
+    gpu = dense_crf(torch.from_numpy(probs).cuda(), image, backend=backend)
+    assert gpu.device.type == "cuda"
+    assert (gpu.cpu() - cpu).abs().max() < 1e-4
+    assert (gpu.cpu().argmax(0) == cpu.argmax(0)).float().mean() >= 0.999
+
+
+def test_exact_block_path_equals_the_cached_matrix(monkeypatch):
+    from itaclip_core.refinement import crf
+
+    rng = np.random.default_rng(11)
+    probs, image = _structured(rng, 9, 11)
+    cached = dense_crf(probs, image, iterations=3, backend="exact")
+    monkeypatch.setattr(crf, "EXACT_CACHE_ELEMENTS", 0)
+    monkeypatch.setattr(crf, "EXACT_BLOCK_ELEMENTS", 7 * 99)  # 7 rows per block: blocks end mid-image
+    blocked = dense_crf(probs, image, iterations=3, backend="exact")
+    assert np.abs(blocked - cached).max() < 1e-6
+
+
+def test_blockwise_lattice_mean_field_equals_the_plain_one():
+    from itaclip_core.refinement import crf
+
+    rng = np.random.default_rng(12)
+    probs, image = _natural_like(rng, 24, 40, 4)
+    kernels = [(3.0, crf.PermutohedralKernel(crf.gaussian_features(24, 40, 3.0))),
+               (10.0, crf.PermutohedralKernel(crf.bilateral_features(torch.from_numpy(image), 80.0, 13.0)))]
+    unary = -torch.log(torch.from_numpy(probs).clamp(1e-5, 1)).reshape(4, -1).T.contiguous()
+    plain = crf.mean_field(unary, kernels, 5)
+    combined = crf.CombinedLatticeMessages(kernels)
+    blocked = crf.lattice_mean_field(unary, combined, 5, chunk_pixels=7)  # blocks end mid-row
+    assert (blocked - plain).abs().max() < 1e-5
+    assert (plain - torch.softmax(-unary, 1)).abs().max() > 1e-2
