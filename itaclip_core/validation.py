@@ -244,7 +244,8 @@ def validate_config(config: "SegmentorConfig") -> "SegmentorConfig":
                                   cli=f"bad settings (--set {values.replace(', ', ' --set ')}): {relation.message}")
     if problems:
         raise config_error(problems)
-    if config.readout != "tokens" or config.refine or config.protocol != "standard":  # imports torch
+    methods = config.readout != "tokens" or config.refine or config.protocol != "standard"
+    if methods or tuple(config.logit_refine) != ("pamr",) or config.upsampler is not None:  # imports torch
         check_method_settings(config)  # the readout's and the refinements' own rules
     return config
 
@@ -292,16 +293,22 @@ def _cli_wording(message: str) -> str:
 
 
 def check_method_settings(config: "SegmentorConfig") -> None:
-    """The checks of the dense readout and the feature refinements a config names (settings they cannot honour,
-    unknown refinements), as `ConfigError`s. Imports torch."""
+    """The checks of the dense readout, the feature and logit refinements and the upsampler a config names
+    (settings they cannot honour, unknown names), as `ConfigError`s. Imports torch."""
     from itaclip_core.refinement.features import build_refinements
 
     try:
         from itaclip_core.methods.cliptrase import check_protocol
+        from itaclip_core.refinement.logits import build_logit_refinements
+        from itaclip_core.upsamplers.window import UPSAMPLERS
 
         check_protocol(config)
         _readout(config)
         build_refinements(config)
+        build_logit_refinements(config)
+        if config.upsampler is not None and config.upsampler not in UPSAMPLERS:
+            raise ValueError(f"upsampler={config.upsampler!r} is not a known upsampler; choose one of "
+                             f"{', '.join(UPSAMPLERS)} (or none)")
     except ConfigError:
         raise
     except ValueError as error:

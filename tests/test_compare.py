@@ -184,12 +184,17 @@ def test_configuration_files_and_common_overrides(tmp_path: Path, monkeypatch: p
         read_configurations(json_file)
     combined = with_common_overrides(configurations, ["short_side=224"])
     assert combined[1].overrides == ("short_side=224", "stride=56", "fuse_blocks=7,8", "area_thd=none")
-    with pytest.raises(CompareError, match="no 'refine' field"):
-        with_common_overrides(configurations, [], refine="pamr")
+    # --refine names refinements of either kind; PAMR stays first among the logit refinements unless named
+    assert with_common_overrides(configurations, [], refine="selfcorr,crf")[0].overrides == (
+        "refine=selfcorr", "logit_refine=pamr,crf")
+    assert with_common_overrides(configurations, [], refine="guided,pamr")[0].overrides == ("logit_refine=guided,pamr",)
+    with pytest.raises(CompareError, match="unknown refinement.*nope"):
+        with_common_overrides(configurations, [], refine="selfcorr,nope")
     import itaclip_core.presets as presets
 
-    monkeypatch.setattr(presets, "field_names", lambda: ["refine", "stride"])
-    assert with_common_overrides(configurations, [], refine="pamr")[0].overrides == ("refine=pamr",)
+    monkeypatch.setattr(presets, "field_names", lambda: ["stride"])
+    with pytest.raises(CompareError, match="no 'refine' field"):
+        with_common_overrides(configurations, [], refine="selfcorr")
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -200,7 +205,7 @@ def test_configuration_files_and_common_overrides(tmp_path: Path, monkeypatch: p
     (["--presets", "itaclip_voc21", "--set", "stride=wide"], "stride"),
     (["--presets", "itaclip_voc21,itaclip_voc21"], "given twice"),
     (["--presets", "open_vocab"], "not tied to a benchmark"),
-    (["--presets", "itaclip_voc21", "--refine", "pamr"], "--refine pamr"),
+    (["--presets", "itaclip_voc21", "--refine", "selfcorr,nope"], "--refine selfcorr,nope: unknown refinement"),
     (["--presets", "itaclip_voc21", "--configs", "x.yaml"], "either --presets"),
 ])  # fmt: skip
 def test_bad_input_is_refused_before_any_work(voc_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture,

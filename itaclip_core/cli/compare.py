@@ -105,7 +105,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="YAML or JSON list of {name, preset, overrides} (instead of --presets)")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change a setting of every configuration (repeatable)")  # fmt: skip
-    parser.add_argument("--refine", default=None, metavar="X", help="shorthand for --set refine=X")
+    parser.add_argument("--refine", default=None, metavar="A,B", help="refinements added to every configuration, in "
+                        "order: feature refinements (selfcorr, regional, sfr) become --set refine=..., logit "
+                        "refinements (crf, guided, pamr) --set logit_refine=...")
     parser.add_argument("--data-root", required=True, help="the benchmark's root folder (MMSegmentation layout)")
     parser.add_argument("--weights", default="ViT-B/16", help="CLIP weights: a name (ViT-B/16) or a checkpoint path")
     parser.add_argument("--num-samples", type=int, default=None, help="evaluate only the first N images")

@@ -162,7 +162,11 @@ def read_configurations(path: str | Path) -> list[Configuration]:
 
 def with_common_overrides(configurations: Iterable[Configuration], overrides: Sequence[str],
                           refine: str | None = None) -> list[Configuration]:  # fmt: skip
-    """Every configuration with the command line's `--set` items (and `--refine X` as `refine=X`) before its own."""
+    """Every configuration with the command line's `--set` items (and `--refine`) before its own.
+
+    `--refine a,b,...` names refinements of either kind, in order: the feature refinements (`selfcorr`, `regional`,
+    `sfr`) become `refine=...`, the logit refinements (`crf`, `guided`, `pamr`) `logit_refine=...`, where PAMR
+    stays first unless it is named (it runs only where the preset sets `pamr_steps`)."""
     common = list(overrides)
     for item in common:
         if "=" not in item:
@@ -175,8 +179,28 @@ def with_common_overrides(configurations: Iterable[Configuration], overrides: Se
                 f"--refine {refine}: this installation's settings have no 'refine' field (the feature refinements "
                 f"of the method zoo are not installed); known settings: {', '.join(field_names())}"
             )
-        common.append(f"refine={refine}")
+        common.extend(_refine_overrides(refine))
     return [Configuration(c.name, c.preset, tuple(common) + c.overrides) for c in configurations]
+
+
+def _refine_overrides(refine: str) -> list[str]:
+    """`--refine a,b` as `refine=` / `logit_refine=` settings (see `with_common_overrides`)."""
+    names = [name.strip() for name in refine.split(",") if name.strip()]
+    try:
+        from itaclip_core.refinement.features import REFINEMENTS
+        from itaclip_core.refinement.logits import LOGIT_REFINEMENTS
+    except ImportError:  # an installation without the refinement registries: every name is a feature refinement
+        return [f"refine={','.join(names)}"]
+    unknown = [name for name in names if name not in REFINEMENTS and name not in LOGIT_REFINEMENTS]
+    if unknown:
+        raise CompareError(f"--refine {refine}: unknown refinement(s) {', '.join(unknown)}; feature refinements: "
+                           f"{', '.join(REFINEMENTS)}; logit refinements: {', '.join(LOGIT_REFINEMENTS)}")
+    features = [name for name in names if name in REFINEMENTS]
+    logits = [name for name in names if name in LOGIT_REFINEMENTS]
+    result = [f"refine={','.join(features)}"] if features else []
+    if logits:
+        result.append(f"logit_refine={','.join(logits if 'pamr' in logits else ['pamr', *logits])}")
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ planning
