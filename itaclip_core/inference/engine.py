@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from itaclip_core.attention.dense import DenseConfig, dense_tokens
+from itaclip_core.inference.memory import default_batch_size
+from itaclip_core.inference.preprocess import renormalise_for
 from itaclip_core.inference.sliding import Window, sliding_windows, stitch
 from itaclip_core.inference.views import VIEW_NAMES, make_views, mix_views
 from itaclip_core.model.clip import CLIP
@@ -64,6 +66,7 @@ class DenseInference:
         chunks = []
         for start in range(0, crops.shape[0], per_chunk):
             chunk = crops[start : start + per_chunk].to(self.model.device)  # (n, 3, h, w)
+            chunk = renormalise_for(chunk, self.model.config.image_mean, self.model.config.image_std)
             views = make_views(chunk, self.image_engineering).to(self.model.dtype)  # (V * n, 3, h, w)
             tokens = dense_tokens(visual, views, self.dense)[:, 1:].float()  # (V * n, rows * cols, D)
             tokens = F.normalize(tokens, dim=-1).view(self.num_views, chunk.shape[0], rows, cols, -1)
