@@ -21,7 +21,8 @@ from itaclip_core.inference.preprocess import ImageInput, PreparedImage, prepare
 from itaclip_core.model.clip import CLIP
 from itaclip_core.model.weights import default_cache_dir, load_clip
 from itaclip_core.postprocess import postprocess
-from itaclip_core.presets import SegmentorConfig, apply_overrides, get_preset
+from itaclip_core.backbones import fit_to_backbone
+from itaclip_core.presets import SegmentorConfig, apply_overrides, get_preset, override_keys
 from itaclip_core.refinement.pamr import pamr
 from itaclip_core.resources import texts_dir
 from itaclip_core.text.classes import (
@@ -83,18 +84,23 @@ class Segmentor:
         classes: ClassesInput | None = None,
         cache_dir: str | Path | None | bool = True,
         progress: bool = False,
+        keep: Sequence[str] = (),
     ) -> None:
         """
         Args:
             model: a CLIP from `load_clip` (its device and dtype are used).
-            config: a `SegmentorConfig` or a preset name.
+            config: a `SegmentorConfig` or a preset name. Tuned on another backbone (`tuned_on`), its block
+                numbers, crop and stride are fitted to the model's (`itaclip_core.backbones`).
             classes: the classes (a class file, `"cat, dog"`, a list, or lists of variants); default: the config's
                 class file. Settable later with `set_classes`.
             cache_dir: where text embeddings are cached (True: the default cache; False/None: no cache).
             progress: show progress bars while encoding texts.
+            keep: fields set explicitly (overrides), kept as given when fitting to the backbone.
         """
         self.model = model.eval()
-        self.config = get_preset(config) if isinstance(config, str) else config
+        config = get_preset(config) if isinstance(config, str) else config
+        self.backbone_fit = fit_to_backbone(config, model.config, keep=keep)
+        self.config = self.backbone_fit.config
         self.cache_dir = default_cache_dir() if cache_dir is True else (cache_dir or None)
         self.progress = progress
         self.classifier: TextClassifier | None = None
@@ -125,7 +131,8 @@ class Segmentor:
         """Load the weights and build a segmentor from a preset, with `key=value` overrides."""
         config = apply_overrides(get_preset(preset), overrides)
         model = load_clip(weights, device=device, dtype=dtype, progress=progress)
-        return cls(model, config, classes=classes, cache_dir=cache_dir, progress=progress)
+        return cls(model, config, classes=classes, cache_dir=cache_dir, progress=progress,
+                   keep=override_keys(overrides))
 
     # ----------------------------------------------------------------------------------------------- classes
     @property
