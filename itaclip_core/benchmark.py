@@ -182,6 +182,10 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         result["all_seconds"] = times
         result["windows"] = len(segmentor.engine.windows(*prepared.tensor.shape[-2:]))
         result["views"] = segmentor.engine.num_views
+        result["backbone"] = segmentor.backbone_fit.target.key
+        result["batch_size"] = segmentor.engine.batch_size
+        result["fitted"] = {"crop": segmentor.config.crop, "stride": segmentor.config.stride,
+                            "fuse_blocks": list(segmentor.config.fuse_blocks)}
         np.savez_compressed(spec["output"], probs=probs, labels=labels)
     result["peak_rss_mib"] = _peak_rss_mib()
     if device.type == "cuda":
@@ -278,6 +282,10 @@ def print_row(row: dict[str, Any]) -> None:
             return "-"
         return f"peak {step['peak_gpu_mib']:.0f} MiB on the GPU" if gpu else f"+{step['step_rss_mib']:.0f} MiB RSS"
 
+    if "backbone" in ours_img:
+        fitted = ours_img["fitted"]
+        print(f"  backbone {ours_img['backbone']}: crop {fitted['crop']}, stride {fitted['stride']}, fused blocks "
+              f"{tuple(fitted['fuse_blocks'])}, batch {ours_img['batch_size']}")
     print(f"  image ({ours_img['windows']} windows x {ours_img['views']} views): "
           f"straightforward {fmt(img_ref.get('seconds'))} ({memory(img_ref)}) | "
           f"ours {fmt(ours_img['seconds'])} ({memory(ours_img)}), {1 / ours_img['seconds']:.2f} images/s"
@@ -295,7 +303,9 @@ def print_row(row: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m itaclip_core.benchmark", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "vit-b-16"], help="random model sizes")
+    parser.add_argument("--models", nargs="+", default=["tiny", "vit-b-16"],
+                        help="random models, space- or comma-separated: sizes (tiny, tiny-l-14, vit-b-16, vit-l-14, "
+                        "vit-h-14, ...) or open_clip:<model> (that config at tiny widths)")
     parser.add_argument("--settings", nargs="+", default=["voc", "coco_stuff"], choices=sorted(SETTINGS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default per device)")
@@ -313,6 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
     args = parser.parse_args(argv)
+    args.models = [name for item in args.models for name in item.split(",") if name]
+    from itaclip_core.model.random import RANDOM_SIZES
+
+    unknown = [m for m in args.models if m not in RANDOM_SIZES and not m.startswith("open_clip:")]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; use {', '.join(RANDOM_SIZES)} or open_clip:<model>")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    if not args.device.startswith("cuda"):
+        print("device: CPU" + ("" if torch.cuda.is_available() else " (no GPU available on this machine)"), flush=True)
     results = benchmark(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -39,10 +39,11 @@ class DenseInference:
             crop, stride: sliding-window size and step in pixels.
             image_engineering: use the five views of every window.
             img_eng_coef: weight of the original/gray/blur views against the flipped ones.
-            batch_size: images (windows x views) per forward pass; bounds memory. None: 16 on CPU, 256 on GPU.
+            batch_size: images (windows x views) per forward pass; bounds memory. None: 16 on CPU; on GPU what
+                fits in half the free memory for this backbone and crop, at most 256 (`inference.memory`).
         """
         if batch_size is None:
-            batch_size = 256 if model.device.type == "cuda" else 16
+            batch_size = default_batch_size(model.config, model.device, model.dtype, crop, len(dense.fuse_blocks))
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model = model
