@@ -51,6 +51,8 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "08_speed": ({"timings", "speedup_vs_straightforward", "max_abs_difference", "label_agreement", "num_images"},
                  {"08_throughput.png", "08_memory.png"}),
     "09_explorer": ({"settings", "areas", "updates", "seconds"}, {"09_explorer.png"}),
+    "12_backbones": ({"backbones", "settings", "grids", "attention", "areas", "label_agreement", "seconds"},
+                     {"12_grids.png", "12_attention.png", "12_segmentation.png"}),
 }  # fmt: skip
 SCORE_KEYS = ("mIoU", "mAcc", "aAcc")
 
@@ -161,6 +163,13 @@ def test_notebook_runs_with_ci_parameters(name: str, ci_run: dict[str, Any]) -> 
         assert results["max_abs_difference"] < 1e-4 and results["label_agreement"] > 0.99  # the two algorithms agree
     if name == "09_explorer":
         assert results["updates"] == 1
+    if name == "12_backbones":
+        b16, l14, h14 = (results["settings"][k] for k in ("ViT-B/16", "ViT-L/14", "OpenCLIP ViT-H/14"))
+        assert (b16["patch_size"], b16["blocks"], l14["patch_size"], l14["blocks"], h14["blocks"]) == (16, 12, 14, 24, 32)
+        assert b16["origin"] == "as tuned" and "not published" in l14["origin"]["fuse_blocks"]
+        assert max(l14["fuse_blocks"]) > max(b16["fuse_blocks"]) and l14["crop"] == b16["crop"] // 16 * 14
+        assert results["grids"]["ViT-L/14"]["window_grid"] == results["grids"]["ViT-B/16"]["window_grid"]
+        assert h14["activation"] == "gelu" and results["warnings"]["ViT-L/14"]
 
 
 @pytest.mark.notebook
