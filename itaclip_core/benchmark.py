@@ -156,7 +156,10 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         from itaclip_core.inference.preprocess import prepare_image
         from itaclip_core.segmentor import Segmentor
 
-        segmentor = Segmentor(model, config, cache_dir=Path(spec["cache_dir"]))
+        from itaclip_core.presets import override_keys
+
+        # Settings given with --set are kept on every backbone; the others are fitted to it.
+        segmentor = Segmentor(model, config, cache_dir=Path(spec["cache_dir"]), keep=override_keys(spec.get("overrides")))
         prepared = prepare_image(spec["image"], config.short_side, config.long_side)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -168,7 +171,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             start = time.perf_counter()
             if task == "image_reference":
                 probs, labels = reference.predict(model, prepared.tensor, prepared.original_size,
-                                                  segmentor.classifier, config)
+                                                  segmentor.classifier, segmentor.config)
                 probs = probs.cpu().numpy()
             else:
                 prediction = segmentor.predict_prepared(prepared)
@@ -280,7 +283,9 @@ def print_row(row: dict[str, Any]) -> None:
     def memory(step: dict[str, Any]) -> str:
         if not step:
             return "-"
-        return f"peak {step['peak_gpu_mib']:.0f} MiB on the GPU" if gpu else f"+{step['step_rss_mib']:.0f} MiB RSS"
+        if gpu:
+            return f"peak {step['peak_gpu_mib']:.0f} MiB on the GPU"
+        return f"+{step['step_rss_mib']:.0f} MiB RSS, process peak {step['peak_rss_mib']:.0f} MiB"
 
     if "backbone" in ours_img:
         fitted = ours_img["fitted"]

@@ -254,3 +254,77 @@ def test_parity_fails_with_the_wrong_activation():
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert (ours.encode_image(images) - reference.encode_image(images)).abs().max().item() > 1e-4
+
+
+def test_missing_extra_names_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` raises ImportError
+    with pytest.raises(ImportError) as info:
+        load_clip("open_clip:ViT-B-16/laion2b_s34b_b88k", device="cpu")
+    assert "itaclip-core[openclip]" in str(info.value) and isinstance(info.value, ValueError)
+    with pytest.raises(ImportError, match="openclip"):
+        load_clip("random-open_clip:ViT-L-14", device="cpu")
+
+
+def test_cli_reports_an_unsupported_model(tmp_path, capsys):
+    from itaclip_core.cli import main
+
+    code = main(["segment", str(tmp_path / "x.png"), "--classes", "cat, dog", "--weights",
+                 "open_clip:ViT-B-16-SigLIP/webli", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "ViT-B-16-SigLIP" in err and "Supported open_clip models" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_shortcuts_hold_with_layer_scale_and_gelu():
+    """The shared-prefix text encoder (used for every template) equals encode_text with GELU and layer scale."""
+    from itaclip_core.model.random import random_state_dict_for
+    from itaclip_core.model.weights import build_clip
+
+    cfg = oc.shrink_config(open_clip.get_model_config("ViT-M-16-alt"), layers=2, text_layers=3)
+    cfg["text_cfg"]["ls_init_value"] = 1e-4
+    config = oc.config_from_open_clip("ViT-M-16-alt", cfg)
+    assert config.text_layer_scale and config.activation == "gelu"
+    model = build_clip(random_state_dict_for(config, seed=2), "random", config=config)
+    tokens = tokenize(["a photo of a cat.", "a photo of a small dog on grass.", "a photo of a x."])
+    with torch.no_grad():
+        full = model.encode_text(tokens, trim=False)
+        shared = model.encode_text_shared_prefix(tokens, prefix_length=4)
+    assert (full - shared).abs().max().item() < 1e-5
+
+
+def test_pretrained_tag_end_to_end_with_a_fake_hub(tmp_path, monkeypatch):
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    cfg = oc.shrink_config(open_clip.get_model_config("ViT-L-14"), layers=2, text_layers=2)
+    monkeypatch.setattr(oc, "model_config", lambda name: cfg)
+    reference = _open_clip_model(cfg, seed=6)
+    staging = tmp_path / "staging.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(staging))
+    payload = staging.read_bytes()
+    sha = hashlib.sha256(payload).hexdigest()
+
+    def fake_download(repo_id, filename, cache_dir):
+        assert repo_id == "laion/CLIP-ViT-L-14-laion2B-s32B-b82K"
+        if filename != "open_clip_model.safetensors":
+            raise FileNotFoundError(filename)
+        blob = Path(cache_dir) / "blobs" / sha
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(payload)
+        link = Path(cache_dir) / "snapshots" / filename
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(blob)
+        return str(link)
+
+    monkeypatch.setattr(oc, "hf_download", fake_download)
+    model = load_clip("open_clip:ViT-L-14/laion2b_s32b_b82k", device="cpu", cache_dir=tmp_path / "cache")
+    assert model.weights_id == f"open_clip:ViT-L-14/laion2b_s32b_b82k sha256:{sha}"
+    assert model.config.image_mean == (0.5, 0.5, 0.5)  # the tag's constants
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (model.encode_image(images) - reference.encode_image(images)).abs().max().item() < 1e-5

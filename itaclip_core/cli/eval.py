@@ -114,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--preset", required=True, help="preset name, e.g. itaclip_voc21")
     parser.add_argument("--data-root", required=True, help="the benchmark's root folder (MMSegmentation layout)")
-    parser.add_argument("--weights", default="ViT-B/16", help="CLIP weights: a name (ViT-B/16) or a checkpoint path")
+    parser.add_argument("--weights", default="ViT-B/16", help="CLIP weights: a name (ViT-B/16, open_clip:ViT-H-14/laion2b_s32b_b79k) or a checkpoint path")
     parser.add_argument("--num-samples", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--save-vis", type=int, default=0, metavar="K",
                         help="save image / prediction / ground-truth panels of the first K images")  # fmt: skip

@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"settings preset (default open_vocab with --classes); one of: {', '.join(list_presets())}")
     parser.add_argument("--aux", default=None, help="definitions/synonyms file (`name >=text` per class)")
     parser.add_argument("--weights", default="ViT-B/16", help="model name (ViT-B/16, ...), checkpoint path, "
-                        "or random-tiny (default: ViT-B/16)")
+                        "open_clip:<model>/<tag or path>, or random-tiny (default: ViT-B/16)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="model precision (default: float16 on CUDA, float32 on CPU)")

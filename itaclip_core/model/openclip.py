@@ -49,12 +49,17 @@ class OpenClipUnsupportedError(ValueError):
     """An open_clip model whose architecture our CLIP classes (and so the dense readout) cannot run."""
 
 
+class MissingExtraError(ImportError, ValueError):
+    """An optional package is not installed (an ImportError; also a ValueError, so that command-line tools report
+    it as a user error with its message)."""
+
+
 def require_open_clip() -> Any:
-    """The `open_clip` module, or an ImportError naming the extra."""
+    """The `open_clip` module, or a MissingExtraError naming the extra."""
     try:
         import open_clip
     except ImportError as error:
-        raise ImportError(
+        raise MissingExtraError(
             f"open_clip models need the optional package open_clip_torch: {EXTRA_HINT}"
         ) from error
     return open_clip
@@ -248,7 +253,7 @@ def read_open_clip_file(path: Path) -> dict[str, torch.Tensor]:
         try:
             from safetensors.torch import load_file
         except ImportError as error:
-            raise ImportError(f"reading {path} needs the safetensors package: {EXTRA_HINT}") from error
+            raise MissingExtraError(f"reading {path} needs the safetensors package: {EXTRA_HINT}") from error
         try:
             return clean_state_dict(load_file(str(path), device="cpu"))
         except Exception as error:  # safetensors raises its own error types on damaged files
@@ -295,7 +300,7 @@ def _default_hf_download(repo_id: str, filename: str, cache_dir: str) -> str:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as error:
-        raise ImportError(f"downloading open_clip weights needs huggingface_hub: {EXTRA_HINT}") from error
+        raise MissingExtraError(f"downloading open_clip weights needs huggingface_hub: {EXTRA_HINT}") from error
     return hf_hub_download(repo_id, filename, cache_dir=cache_dir)
 
 
