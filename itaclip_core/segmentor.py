@@ -21,7 +21,7 @@ from itaclip_core.inference.preprocess import ImageInput, PreparedImage, prepare
 from itaclip_core.model.clip import CLIP
 from itaclip_core.model.weights import default_cache_dir, load_clip
 from itaclip_core.postprocess import postprocess
-from itaclip_core.backbones import fit_to_backbone
+from itaclip_core.backbones import fit_to_backbone, parse_backbone
 from itaclip_core.presets import SegmentorConfig, apply_overrides, get_preset, override_keys
 from itaclip_core.refinement.pamr import pamr
 from itaclip_core.resources import texts_dir
@@ -130,6 +130,7 @@ class Segmentor:
     ) -> "Segmentor":
         """Load the weights and build a segmentor from a preset, with `key=value` overrides."""
         config = apply_overrides(get_preset(preset), overrides)
+        parse_backbone(config.tuned_on)  # a wrong tuned_on fails before the weights are loaded
         model = load_clip(weights, device=device, dtype=dtype, progress=progress)
         return cls(model, config, classes=classes, cache_dir=cache_dir, progress=progress,
                    keep=override_keys(overrides))

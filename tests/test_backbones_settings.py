@@ -167,3 +167,14 @@ def test_every_method_predicts_on_every_backbone(weights, preset):
     prediction = seg.predict(image)
     assert prediction.labels.shape == (60, 84) and prediction.probs.shape == (2, 60, 84)
     assert np.isfinite(prediction.probs).all()
+
+
+def test_wrong_tuned_on_fails_before_loading(monkeypatch):
+    import itaclip_core.segmentor as segmentor_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(segmentor_module, "load_clip", no_loading)
+    with pytest.raises(ValueError, match="tuned_on='vit-x'"):
+        Segmentor.from_preset("open_vocab", weights="random-tiny", overrides=["tuned_on=vit-x"], classes="a, b")
