@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -367,6 +368,22 @@ def download_open_clip(name: str, tag: str, cache_dir: str | Path | None = None)
     )
 
 
+def _warn_other_constants(name: str, config: CLIPConfig) -> None:
+    """A local file carries no preprocessing: warn when some pretrained tag of the model uses other constants."""
+    open_clip = require_open_clip()
+    others = []
+    for tag in open_clip.list_pretrained_tags_by_model(name):
+        entry = open_clip.get_pretrained_cfg(name, tag) or {}
+        mean, std = tuple(entry.get("mean", OPENAI_MEAN)), tuple(entry.get("std", OPENAI_STD))
+        if (mean, std) != (config.image_mean, config.image_std):
+            others.append(f"{tag} (mean {mean}, std {std})")
+    if others:
+        warnings.warn(
+            f"open_clip:{name} from a local file is normalised with mean {config.image_mean} and std "
+            f"{config.image_std}; these tags of {name} were trained with other constants: {', '.join(others)}. "
+            "If the file is one of them, load it by its tag (open_clip:<model>/<tag>) instead.", stacklevel=3)
+
+
 # ------------------------------------------------------------------------------------------------ entry points
 def load_open_clip(
     spec: str, cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
@@ -384,6 +401,7 @@ def load_open_clip(
                 f"pretrained tag of {name}: {', '.join(require_open_clip().list_pretrained_tags_by_model(name))}"
             )
         config = config_from_open_clip(name, cfg)
+        _warn_other_constants(name, config)
         model = build_from_state_dict(config, read_open_clip_file(path), str(path), dtype)
         model.weights_id = f"open_clip:{name}/{path.name} sha256:{file_sha256(path)}"
         return model
