@@ -23,9 +23,9 @@ def activation_bytes(config: CLIPConfig, crop: int, dtype: torch.dtype, fused_bl
 
     Inside a block at most these are alive per token: the residual stream and its layer norm (2 D), the joint
     queries/keys/values (3 D) and their head-split copies (3 D), the attention output and its merge (2 D), the MLP
-    hidden layer and its activation (2 hidden); plus one float32 score matrix per head (H N^2, the non-fused
-    attention path used for the inspection maps and by some variants), and the queries and keys kept for each fused
-    block (2 D per token each).
+    hidden layer and its activation (2 hidden); plus three float32 score matrices per head (3 H N^2: variants that
+    build explicit maps, e.g. two softmax maps and their sum, or an attention kernel that materialises them), and
+    the queries and keys kept for each fused block (2 D per token each).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     rows = cols = max(crop // config.patch_size, 1)
@@ -33,7 +33,7 @@ def activation_bytes(config: CLIPConfig, crop: int, dtype: torch.dtype, fused_bl
     width = config.vision_width
     hidden = config.vision_mlp_width or 4 * width
     per_token = (10 * width + 2 * hidden + 2 * width * fused_blocks) * itemsize
-    scores = config.vision_heads * tokens * tokens * 4
+    scores = 3 * config.vision_heads * tokens * tokens * 4
     return tokens * per_token + scores
 
 
