@@ -329,3 +329,30 @@ def test_pretrained_tag_end_to_end_with_a_fake_hub(tmp_path, monkeypatch):
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert (model.encode_image(images) - reference.encode_image(images)).abs().max().item() < 1e-5
+
+
+def test_inspection_and_reference_paths_use_the_model_constants():
+    """explore's per-view logits and the straightforward reference re-normalise as the engine does."""
+    import numpy as np
+
+    from itaclip_core import explore, reference
+    from itaclip_core.presets import get_preset
+    from itaclip_core.segmentor import Segmentor
+
+    model = load_clip("random-open_clip:ViT-B-16", device="cpu")
+    half = dataclasses.replace(model.config, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    other = oc.build_from_state_dict(half, model.state_dict(), "other constants")
+    config = get_preset("open_vocab").replace(templates="notebooks/ci_templates.txt", stride=112, pamr_steps=0)
+    seg = Segmentor(other, config, classes="cat, dog", cache_dir=False)
+    image = (np.random.default_rng(1).random((230, 250, 3)) * 255).astype(np.uint8)
+    prepared = seg.prepare(image)
+    tensor = prepared.tensor
+    engine = seg.engine.logits(tensor, seg.classifier.features, prepared.original_size)
+    mixed = explore.mix_view_logits(explore.view_logits(seg, prepared), config.img_eng_coef)
+    assert (engine - mixed).abs().max().item() < 1e-4
+    crop = tensor[None, :, :224, :224]
+    ours = seg.engine.patch_logits(tensor[:, :224, :224], seg.classifier.features)[0]
+    ref = reference.window_logits(other, crop, seg.classifier.features, config.dense_config(), True,
+                                  config.img_eng_coef)
+    up = torch.nn.functional.interpolate(ours, size=(224, 224), mode="bilinear")
+    assert (up - ref).abs().max().item() < 1e-4
