@@ -247,7 +247,8 @@ def fit_to_backbone(config: Any, model_config: CLIPConfig, keep: Iterable[str] =
             value, how = setting.values[name], f"published ({setting.source})"
         else:
             rule = rules[name]
-            value, how = rule(tuned, source, target), f"rule: {RULE_DESCRIPTIONS.get(rule, rule.__name__)}, not published"
+            described = RULE_DESCRIPTIONS.get(rule, rule.__name__)
+            value, how = rule(tuned, source, target), f"rule: {described}, not published"
         if isinstance(tuned, tuple):
             value = tuple(value)
         changes[name] = value
@@ -279,7 +280,7 @@ def settings_table(method: str, tuned: Any, backbones: Iterable[str] = ("vit-b-1
         for name in list(FIELD_RULES) + list(METHOD_RULES.get(method, {})):
             if hasattr(fit.config, name):
                 row[name] = getattr(fit.config, name)
-        row["origin"] = ("as tuned" if not fit.adapted else
-                         "published" if fit.choices and all(c.published for c in fit.choices) else "rule (not published)")
+        published = bool(fit.choices) and all(c.published for c in fit.choices)
+        row["origin"] = "as tuned" if not fit.adapted else "published" if published else "rule (not published)"
         rows.append(row)
     return rows

@@ -159,7 +159,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         from itaclip_core.presets import override_keys
 
         # Settings given with --set are kept on every backbone; the others are fitted to it.
-        segmentor = Segmentor(model, config, cache_dir=Path(spec["cache_dir"]), keep=override_keys(spec.get("overrides")))
+        segmentor = Segmentor(model, config, cache_dir=Path(spec["cache_dir"]),
+                              keep=override_keys(spec.get("overrides")))
         prepared = prepare_image(spec["image"], config.short_side, config.long_side)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

@@ -345,7 +345,8 @@ def download_open_clip(name: str, tag: str, cache_dir: str | Path | None = None)
             try:
                 local = Path(hf_download(repo_id, candidate, str(cache)))
             except Exception as error:  # network errors, missing file in the repo, no hub client
-                errors.append(f"{candidate}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+                first_line = str(error).splitlines()[0] if str(error) else ""
+                errors.append(f"{candidate}: {type(error).__name__}: {first_line}")
                 break
             real = local.resolve()
             expected = real.name if _SHA256.match(real.name) else None
