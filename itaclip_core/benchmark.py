@@ -163,9 +163,12 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
                 result["step_rss_mib"] = memory.added_mib
         result["seconds"] = result["seconds_cold"]
     else:
+        from itaclip_core.presets import override_keys
         from itaclip_core.segmentor import Segmentor
 
-        segmentor = Segmentor(model, config, cache_dir=Path(spec["cache_dir"]))
+        # Settings given with --set are kept on every backbone; the others are fitted to it.
+        segmentor = Segmentor(model, config, cache_dir=Path(spec["cache_dir"]),
+                              keep=override_keys(spec.get("overrides")))
         prepared = segmentor.prepare(spec["image"])  # the preset's protocol (CLIPtrase's: the centre crop)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -180,7 +183,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
                     route = reference.predict
                 else:
                     from itaclip_core.methods.straightforward import predict as route
-                probs, labels = route(model, prepared.tensor, prepared.original_size, segmentor.classifier, config)
+                probs, labels = route(model, prepared.tensor, prepared.original_size, segmentor.classifier,
+                                      segmentor.config)
                 probs = probs.cpu().numpy()
             else:
                 prediction = segmentor.predict_prepared(prepared)
@@ -194,6 +198,10 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         result["all_seconds"] = times
         result["windows"] = len(segmentor.engine.windows(*prepared.tensor.shape[-2:]))
         result["views"] = segmentor.engine.num_views
+        result["backbone"] = segmentor.backbone_fit.target.key
+        result["batch_size"] = segmentor.engine.batch_size
+        result["fitted"] = {"crop": segmentor.config.crop, "stride": segmentor.config.stride,
+                            "fuse_blocks": list(segmentor.config.fuse_blocks)}
         np.savez_compressed(spec["output"], probs=probs, labels=labels)
     result["peak_rss_mib"] = _peak_rss_mib()
     if device.type == "cuda":
@@ -297,8 +305,14 @@ def print_row(row: dict[str, Any]) -> None:
     def memory(step: dict[str, Any]) -> str:
         if not step:
             return "-"
-        return f"peak {step['peak_gpu_mib']:.0f} MiB on the GPU" if gpu else f"+{step['step_rss_mib']:.0f} MiB RSS"
+        if gpu:
+            return f"peak {step['peak_gpu_mib']:.0f} MiB on the GPU"
+        return f"+{step['step_rss_mib']:.0f} MiB RSS, process peak {step['peak_rss_mib']:.0f} MiB"
 
+    if "backbone" in ours_img:
+        fitted = ours_img["fitted"]
+        print(f"  backbone {ours_img['backbone']}: crop {fitted['crop']}, stride {fitted['stride']}, fused blocks "
+              f"{tuple(fitted['fuse_blocks'])}, batch {ours_img['batch_size']}")
     print(f"  image ({ours_img['windows']} windows x {ours_img['views']} views): "
           f"straightforward {fmt(img_ref.get('seconds'))} ({memory(img_ref)}) | "
           f"ours {fmt(ours_img['seconds'])} ({memory(ours_img)}), {1 / ours_img['seconds']:.2f} images/s"
@@ -316,7 +330,9 @@ def print_row(row: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m itaclip_core.benchmark", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "vit-b-16"], help="random model sizes")
+    parser.add_argument("--models", nargs="+", default=["tiny", "vit-b-16"],
+                        help="random models, space- or comma-separated: sizes (tiny, tiny-l-14, vit-b-16, vit-l-14, "
+                        "vit-h-14, ...) or open_clip:<model> (that config at tiny widths)")
     parser.add_argument("--settings", nargs="+", default=["voc", "coco_stuff"], choices=sorted(SETTINGS))
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated methods ({', '.join(METHOD_PRESETS)}) or preset names, each compared "
@@ -337,6 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
     args = parser.parse_args(argv)
+    args.models = [name for item in args.models for name in item.split(",") if name]
+    from itaclip_core.model.random import RANDOM_SIZES
+
+    unknown = [m for m in args.models if m not in RANDOM_SIZES and not m.startswith("open_clip:")]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; use {', '.join(RANDOM_SIZES)} or open_clip:<model>")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    if not args.device.startswith("cuda"):
+        print("device: CPU" + ("" if torch.cuda.is_available() else " (no GPU available on this machine)"), flush=True)
     results = benchmark(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

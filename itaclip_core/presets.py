@@ -54,7 +54,7 @@ class SegmentorConfig:
     prob_thd: float = 0.0  # pixels whose top probability is below it become class 0
     area_thd: float | None = None  # classes (other than 0) with a smaller share of the predicted area are dropped
     closing: bool = True  # 3x3 morphological closing of the label map
-    batch_size: int | None = None  # images (windows x views) per forward pass; None: 16 on CPU, 256 on GPU
+    batch_size: int | None = None  # images (windows x views) per forward pass; None: 16 on CPU, from free memory on GPU
     text_batch_size: int | None = None  # prompts per forward pass of the text tower; None: 256 CPU, 1024 GPU
     truncate_texts: bool = False  # cut prompts longer than 77 tokens instead of refusing them
     # --- dense methods and feature refinements (issue 10; see itaclip_core.methods, itaclip_core.refinement) ---
@@ -127,6 +127,10 @@ class SegmentorConfig:
     guided_border: str = "reflect"  # window padding at the border
     upsampler: str | None = None  # feature upsampler of each window's patch features ("loftup"), None: none
     upsampler_weights: str | None = None  # its checkpoint: a path, or None for the verified cache
+    # Backbones (issue 13): the backbone the block numbers, crop and stride were tuned on; on another backbone the
+    # segmentor takes them from the per-backbone table (itaclip_core.backbones) unless adapt_backbone is false.
+    tuned_on: str = "vit-b-16"
+    adapt_backbone: bool = True
 
     def dense_config(self) -> "DenseConfig":
         """The image tower's dense readout for these settings."""
@@ -295,3 +299,10 @@ def apply_overrides(config: SegmentorConfig, overrides: Iterable[str] | dict[str
 from itaclip_core.masks.presets import MASK_PRESETS  # noqa: E402
 
 PRESETS.update({preset.name: preset for preset in MASK_PRESETS})
+def override_keys(overrides: Iterable[str] | dict[str, Any] | None) -> list[str]:
+    """The field names a list of `key=value` overrides (or a dict) sets."""
+    if not overrides:
+        return []
+    if isinstance(overrides, dict):
+        return list(overrides)
+    return [item.partition("=")[0].strip() for item in overrides]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from itaclip_core.attention.dense import DenseConfig, dense_tokens
+from itaclip_core.inference.preprocess import renormalise_for
 from itaclip_core.inference.sliding import sliding_windows
 from itaclip_core.inference.views import gaussian_blur, grayscale
 from itaclip_core.model.clip import CLIP
@@ -73,6 +74,7 @@ def window_logits(
     model: CLIP, crop: torch.Tensor, text: torch.Tensor, dense: DenseConfig, image_engineering: bool, coef: float
 ) -> torch.Tensor:
     """(1, Q, h, w) logits of one window (1, 3, h, w), one view at a time."""
+    crop = renormalise_for(crop, model.config.image_mean, model.config.image_std)  # the model's own constants
     size = crop.shape[-2:]
     if not image_engineering:
         return F.interpolate(_patch_logits(model, crop, text, dense), size=size, mode="bilinear")

@@ -29,7 +29,8 @@ from itaclip_core.methods.cliptrase import check_protocol, denormalise_rgb, prep
 from itaclip_core.model.clip import CLIP
 from itaclip_core.model.weights import default_cache_dir, load_clip
 from itaclip_core.postprocess import postprocess
-from itaclip_core.presets import SegmentorConfig, apply_overrides, get_preset
+from itaclip_core.backbones import fit_to_backbone, parse_backbone
+from itaclip_core.presets import SegmentorConfig, apply_overrides, get_preset, override_keys
 from itaclip_core.refinement.features import build_refinements
 from itaclip_core.refinement.logits import build_logit_refinements, refine_logits
 from itaclip_core.resources import texts_dir
@@ -197,11 +198,13 @@ class Segmentor:
         progress: bool = False,
         notes: Callable[[str], None] | None = None,
         masks: str | None = None,
+        keep: Sequence[str] = (),
     ) -> None:
         """
         Args:
             model: a CLIP from `load_clip` (its device and dtype are used).
-            config: a `SegmentorConfig` or a preset name.
+            config: a `SegmentorConfig` or a preset name. Tuned on another backbone (`tuned_on`), its block
+                numbers, crop and stride are fitted to the model's (`itaclip_core.backbones`).
             classes: the classes (a class file, `"cat, dog"`, a list, or lists of variants); default: the config's
                 class file. Settable later with `set_classes`. Other classes than a benchmark preset's own keep
                 its architecture without its background class, auxiliary texts and thresholds (with a warning).
@@ -210,12 +213,15 @@ class Segmentor:
             progress: show progress bars while encoding texts and predicting several images.
             notes: called with each note about changed settings (default: a `UserWarning`).
             masks: a mask source (`superpixels`, `sam`, `sam2` or a folder) overriding the config's `masks`.
+            keep: fields set explicitly (overrides), kept as given when the settings are fitted to the backbone.
 
         Raises:
             ConfigError: a setting is out of range or does not fit the model (checked before texts are encoded).
         """
         self.model = model.eval()
-        self.config = validate_config(get_preset(config) if isinstance(config, str) else config)
+        config = validate_config(get_preset(config) if isinstance(config, str) else config)
+        self.backbone_fit = fit_to_backbone(config, model.config, keep=keep)  # block numbers, crop, stride
+        self.config = self.backbone_fit.config
         check_against_model(self.config, model)
         self.notes = notes or _warn
         if masks is not None:
@@ -272,7 +278,8 @@ class Segmentor:
         if masks is not None:
             config = config.replace(masks=str(masks))
         return cls.from_config(config, weights=weights, device=device, classes=classes, dtype=dtype,
-                               cache_dir=cache_dir, progress=progress, notes=notes)  # fmt: skip
+                               cache_dir=cache_dir, progress=progress, notes=notes,
+                               keep=override_keys(overrides))  # fmt: skip
 
     @classmethod
     def from_config(
@@ -285,12 +292,15 @@ class Segmentor:
         cache_dir: str | Path | None | bool = True,
         progress: bool = False,
         notes: Callable[[str], None] | None = None,
+        keep: Sequence[str] = (),
     ) -> "Segmentor":
-        """`from_preset` with a ready `SegmentorConfig`: checks first, then loads the weights and encodes texts."""
+        """`from_preset` with a ready `SegmentorConfig`: checks first, then loads the weights and encodes texts.
+        `keep`: the fields set explicitly, kept as given when the settings are fitted to another backbone."""
         from itaclip_core.model.weights import check_weights_spec, resolve_device
         from itaclip_core.validation import resolve_dtype
 
         validate_config(config)
+        parse_backbone(config.tuned_on)  # a wrong tuned_on fails before the weights are loaded
         MaskStage(config, None)  # the mask settings are checked before the weights are loaded
         resolve_device(device)
         resolve_dtype(dtype)
@@ -303,7 +313,7 @@ class Segmentor:
             plan = dataclasses.replace(plan, notes=())
         model = load_clip(weights, device=device, dtype=dtype, progress=progress)
         return cls(model, plan.config if plan else config, classes=plan, cache_dir=cache_dir, progress=progress,
-                   notes=notes)  # fmt: skip
+                   notes=notes, keep=keep)  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------- classes
     @property

@@ -180,6 +180,8 @@ CHECKS: dict[str, Check] = {
     "pad_to_patch": boolean(),
     # logit refinements and the feature upsampler: names and ranges are checked by their registries
     "crf_iterations": integer_at_least(0),
+    # backbones: tuned_on is a backbone name, checked by itaclip_core.backbones.parse_backbone
+    "adapt_backbone": boolean(),
 }
 
 

@@ -59,6 +59,8 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "11_masks": ({"masks_per_source", "generation_seconds", "pixels_changed_by_vote", "attention_inside_mask",
                   "areas"},
                  {"11_proposals.png", "11_partition.png", "11_vote.png", "11_scoped_attention.png", "11_areas.png"}),
+    "12_backbones": ({"backbones", "settings", "grids", "attention", "areas", "label_agreement", "seconds"},
+                     {"12_grids.png", "12_attention.png", "12_segmentation.png"}),
     "13_compare": ({"configurations", "paired", "differ_most", "focus", "num_images", "weights_id"},
                    {"13_main.png", "13_heatmap.png", "13_paired.png", "13_focus_distribution.png",
                     "13_focus_gallery.png"}),
@@ -198,6 +200,13 @@ def test_notebook_runs_with_ci_parameters(name: str, ci_run: dict[str, Any]) -> 
     if name == "11_masks":
         assert results["masks_per_source"]["SLIC"] > 1 and results["coverage"]["SLIC"] == 1.0
         assert abs(results["attention_inside_mask"] - 1.0) < 1e-5  # SLIC covers every patch: all inside its mask
+    if name == "12_backbones":
+        b16, l14, h14 = (results["settings"][k] for k in ("ViT-B/16", "ViT-L/14", "OpenCLIP ViT-H/14"))
+        assert (b16["patch_size"], b16["blocks"], l14["patch_size"], l14["blocks"], h14["blocks"]) == (16, 12, 14, 24, 32)
+        assert b16["origin"] == "as tuned" and "not published" in l14["origin"]["fuse_blocks"]
+        assert max(l14["fuse_blocks"]) > max(b16["fuse_blocks"]) and l14["crop"] == b16["crop"] // 16 * 14
+        assert results["grids"]["ViT-L/14"]["window_grid"] == results["grids"]["ViT-B/16"]["window_grid"]
+        assert h14["activation"] == "gelu" and results["warnings"]["ViT-L/14"]
 
 
 @pytest.mark.notebook

@@ -100,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
             context.close()
         return _report(args, context, dataset, results, out_dir)
 
-    from itaclip_core.presets import apply_overrides, get_preset
+    from itaclip_core.presets import apply_overrides, get_preset, override_keys
     from itaclip_core.validation import resolve_device, validate_config
 
     # everything that can be checked without the model, before the weights load (or download)
@@ -120,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
     context = init_distributed(args.device)
     try:
         segmentor = Segmentor.from_config(config, weights=args.weights, device=context.device, dtype=args.dtype,
-                                          progress=not args.no_progress,
+                                          progress=not args.no_progress, keep=override_keys(overrides),
                                           notes=lambda message: note("itaclip eval", message))  # fmt: skip
         results = evaluate(segmentor, dataset, _options(args, out_dir, segmentor, overrides), context)
     finally:

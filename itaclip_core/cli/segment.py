@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     overrides += [f"masks={args.masks}"] if args.masks is not None else []
     overrides += [f"mask_use={args.mask_use}"] if args.mask_use is not None else []
 
-    from itaclip_core.presets import apply_overrides, get_preset
+    from itaclip_core.presets import apply_overrides, get_preset, override_keys
     from itaclip_core.text.classes import parse_class_list
     from itaclip_core.validation import user_classes_config, validate_config
 
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
 
     segmentor = Segmentor.from_config(
         config, weights=args.weights, device=args.device, classes=classes, dtype=args.dtype,
-        progress=not args.no_progress, notes=lambda message: note(prog, message),
+        progress=not args.no_progress, notes=lambda message: note(prog, message), keep=override_keys(overrides),
     )  # fmt: skip
     return _segment_all(segmentor, images, out, args, prog)
 

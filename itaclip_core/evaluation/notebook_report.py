@@ -45,7 +45,7 @@ def report_parameters(preset: str, data_root: str | Path, weights: str | Path, o
     """
     parameters = dict(base or {})
     name = str(weights)
-    if canonical_name(name) is not None or is_random_spec(name):
+    if canonical_name(name) is not None or is_random_spec(name) or name.startswith("open_clip:"):
         parameters.update(MODEL=name, WEIGHTS=None)
     else:
         parameters.update(WEIGHTS=str(Path(name).expanduser().resolve()))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from itaclip_core.attention.dense import DenseConfig, attention_maps, dense_tokens
-from itaclip_core.inference.preprocess import PreparedImage
+from itaclip_core.inference.preprocess import PreparedImage, renormalise_for
 from itaclip_core.inference.sliding import Window, stitch
 from itaclip_core.inference.views import VIEW_NAMES, make_views
 from itaclip_core.model.clip import CLIP
@@ -29,6 +29,7 @@ __all__ = [
 def patch_tokens(model: CLIP, image: torch.Tensor, dense: DenseConfig) -> torch.Tensor:
     """L2-normalised dense patch features (rows, cols, D) float32 of a normalised image (3, h, w)."""
     rows, cols = model.visual.grid_size(image.shape[-2], image.shape[-1])
+    image = renormalise_for(image, model.config.image_mean, model.config.image_std)  # the model's own constants
     with torch.no_grad():
         tokens = dense_tokens(model.visual, image[None].to(model.device, model.dtype), dense)[0, 1:].float()
     return F.normalize(tokens, dim=-1).view(rows, cols, -1).cpu()  # (rows * cols, D) -> (rows, cols, D)
@@ -65,6 +66,7 @@ def attention_parts(model: CLIP, image: torch.Tensor, query: tuple[int, int],
     if not (0 <= row < rows and 0 <= col < cols):
         raise ValueError(f"query patch {query} lies outside the {rows} x {cols} patch grid")
     token = 1 + row * cols + col
+    image = renormalise_for(image, model.config.image_mean, model.config.image_std)  # the model's own constants
     with torch.no_grad():
         maps = attention_maps(model.visual, image[None].to(model.device, model.dtype), dense)  # each (1, H, T, T)
     return {name: m[0, :, token, 1:].mean(dim=0).view(rows, cols).cpu().numpy() for name, m in maps.items()}
@@ -108,6 +110,7 @@ def view_logits(segmentor: Segmentor, prepared: PreparedImage) -> dict[str, torc
     with torch.no_grad():
         for start in range(0, crops.shape[0], per_chunk):
             chunk = crops[start : start + per_chunk]
+            chunk = renormalise_for(chunk, segmentor.model.config.image_mean, segmentor.model.config.image_std)
             views = make_views(chunk, True).to(segmentor.model.dtype)  # (5 * n, 3, h, w)
             tokens = F.normalize(dense_tokens(visual, views, engine.dense)[:, 1:].float(), dim=-1)
             chunks.append(tokens.view(len(VIEW_NAMES), chunk.shape[0], rows, cols, -1))  # (5, n, rows, cols, D)

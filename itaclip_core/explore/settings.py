@@ -44,7 +44,8 @@ def load_model(model: str, weights: str | Path | None = None, device: str | None
     """
     spec: str | Path = model
     if weights not in (None, ""):
-        spec = weights if is_random_spec(str(weights)) else resolve_path(weights, what="WEIGHTS")
+        named = is_random_spec(str(weights)) or str(weights).startswith("open_clip:")  # names, not files
+        spec = weights if named else resolve_path(weights, what="WEIGHTS")
     try:
         return load_clip(spec, device=device, dtype=dtype, progress=True)
     except UserError as error:  # name the notebook's parameter, not load_clip's

@@ -20,6 +20,8 @@ import torch
 from typing import TYPE_CHECKING, Sequence
 
 from itaclip_core.attention.dense import DenseConfig
+from itaclip_core.inference.memory import default_batch_size
+from itaclip_core.inference.preprocess import renormalise_for
 from itaclip_core.inference.sliding import Window, sliding_windows, stitch
 from itaclip_core.inference.views import VIEW_NAMES
 from itaclip_core.model.clip import CLIP
@@ -53,14 +55,15 @@ class DenseInference:
             crop, stride: sliding-window size and step in pixels.
             image_engineering: use the five views of every window.
             img_eng_coef: weight of the original/gray/blur views against the flipped ones.
-            batch_size: images (windows x views) per forward pass; bounds memory. None: 16 on CPU, 256 on GPU.
+            batch_size: images (windows x views) per forward pass; bounds memory. None: 16 on CPU; on GPU what
+                fits in half the free memory for this backbone and crop, at most 256 (`inference.memory`).
             readout: the dense readout (default: the `tokens` readout of `dense`).
             refinements: feature refinements applied, in order, to every window's patch features.
             upsampler: a feature upsampler (`itaclip_core.upsamplers`) matching each window's upsampled features
                 with the text at the window's pixels, or None (text matching on the patch grid).
         """
         if batch_size is None:
-            batch_size = 256 if model.device.type == "cuda" else 16
+            batch_size = default_batch_size(model.config, model.device, model.dtype, crop, len(dense.fuse_blocks))
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model = model
@@ -85,6 +88,12 @@ class DenseInference:
             raise ValueError(f"upsampler={getattr(upsampler, 'name', 'loftup')}: the {readout.name!r} readout makes its "
                              "own patch logits, so no feature upsampler fits it; allowed: upsampler=none")
 
+    def _model_normalised(self, crops: torch.Tensor) -> torch.Tensor:
+        """Windows normalised with CLIP's (OpenAI's) constants, re-normalised for a model trained with others
+        (some OpenCLIP weights); the same tensor otherwise."""
+        config = self.model.config
+        return renormalise_for(crops, config.image_mean, config.image_std)
+
     @property
     def num_views(self) -> int:
         return len(VIEW_NAMES) if self.image_engineering else 1
@@ -95,7 +104,7 @@ class DenseInference:
         feature refinements (readouts that need the text, such as ResCLIP's, need `text_features`)."""
         if text_features is not None:
             text_features = text_features.to(self.model.device, torch.float32)
-        return self.readout.window_features(self, crops, text_features)
+        return self.readout.window_features(self, self._model_normalised(crops), text_features)
 
     def windows(self, height: int, width: int) -> list[Window]:
         if self.crop == 0:
@@ -113,6 +122,7 @@ class DenseInference:
         height, width = image.shape[-2:]
         windows = self.windows(height, width)
         crops = torch.stack([image[:, w.y1 : w.y2, w.x1 : w.x2] for w in windows])  # (N, 3, h, w)
+        crops = self._model_normalised(crops)
         extra = {}
         if side is not None:
             extra["side"] = torch.stack([side[..., w.y1 : w.y2, w.x1 : w.x2] for w in windows])
@@ -155,6 +165,7 @@ class DenseInference:
         for members in groups.values():
             crops = torch.cat([torch.stack([images[i][:, w.y1 : w.y2, w.x1 : w.x2] for w in windows[i]])
                                for i in members])  # fmt: skip
+            crops = self._model_normalised(crops)
             # (sum of windows, Q, rows, cols), through the readout and the feature refinements as in `logits`
             patch_logits = self.readout.window_logits(self, crops, text_features, self.refinements)
             start = 0

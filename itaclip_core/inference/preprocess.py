@@ -4,6 +4,10 @@
 2. keep-ratio resize so the short side is `short_side` (long side at most `long_side`), OpenCV bilinear on uint8,
 3. BGR -> RGB, float32, normalise with CLIP's mean and std (x 255).
 
+A model trained with other constants (e.g. OpenCLIP ViT-L/14 laion2b: mean = std = 0.5) gets its windows
+re-normalised by the inference engine (`renormalise_for`) before any view is made, which equals normalising with its
+own constants here.
+
 The logits are brought back to the ORIGINAL size by the segmentor, so the original size is kept with the tensor.
 """
 
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 import cv2
 import numpy as np
@@ -19,8 +23,9 @@ import torch
 from PIL import Image
 
 from itaclip_core.errors import UserError
+from itaclip_core.model.clip import OPENAI_MEAN, OPENAI_STD  # the same constants on the [0, 1] scale
 
-# CLIP's normalisation constants, times 255, in RGB order.
+# CLIP's normalisation constants, times 255, in RGB order (as the published pipelines round them).
 CLIP_MEAN_255 = (122.771, 116.746, 104.094)
 CLIP_STD_255 = (68.501, 66.632, 70.323)
 
@@ -155,6 +160,20 @@ def normalise_bgr(image_bgr: np.ndarray) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN_255).view(3, 1, 1)
     std = torch.tensor(CLIP_STD_255).view(3, 1, 1)
     return (rgb - mean) / std
+
+
+def renormalise_for(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """An image normalised with CLIP's constants (as `prepare_image` gives it), re-normalised with another model's
+    `mean` and `std` (RGB, [0, 1] scale), channels on dim -3. The same tensor when they are CLIP's (OpenAI's)."""
+    if tuple(mean) == OPENAI_MEAN and tuple(std) == OPENAI_STD:
+        return tensor
+    shape = (3, 1, 1)
+    clip_mean = torch.tensor(CLIP_MEAN_255, device=tensor.device, dtype=torch.float32).view(shape)
+    clip_std = torch.tensor(CLIP_STD_255, device=tensor.device, dtype=torch.float32).view(shape)
+    new_mean = torch.tensor([255.0 * m for m in mean], device=tensor.device, dtype=torch.float32).view(shape)
+    new_std = torch.tensor([255.0 * s for s in std], device=tensor.device, dtype=torch.float32).view(shape)
+    pixels = tensor.float() * clip_std + clip_mean  # back to 0..255 RGB
+    return ((pixels - new_mean) / new_std).to(tensor.dtype)
 
 
 def denormalise(tensor: torch.Tensor) -> np.ndarray:

@@ -8,6 +8,10 @@ Dense work goes through explicit methods rather than hooks: `ResidualAttentionBl
 queries, keys and values, `ResidualAttentionBlock.attend` finishes a block from any attention output, and
 `VisionTransformer.embed` / `forward_intermediates` give the token stream before and between blocks. The attention
 variants in `itaclip_core.attention` are built on these.
+
+OpenCLIP's own ViTs use the same parameter names; the architecture differences among them (GELU or QuickGELU,
+layer scale `ls_1`/`ls_2`, MLP width, head count, layer-norm epsilon, normalisation constants) are fields of
+`CLIPConfig`, whose defaults are OpenAI's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# OpenAI's image normalisation constants (RGB, [0, 1] scale); the default of every CLIPConfig.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+ACTIVATIONS = ("quick_gelu", "gelu")
 
 
 @dataclass(frozen=True)
@@ -37,8 +46,23 @@ class CLIPConfig:
     text_width: int  # token width of the text tower
     text_layers: int  # number of text transformer blocks
     text_heads: int  # attention heads in the text tower (width // 64)
+    # Fields OpenAI's models share and other CLIPs (OpenCLIP, MetaCLIP) may change; the defaults are OpenAI's.
+    activation: str = "quick_gelu"  # MLP activation of both towers: "quick_gelu" or "gelu" (exact, erf)
+    vision_mlp_width: int | None = None  # hidden width of the image MLPs (None: 4 * vision_width)
+    text_mlp_width: int | None = None  # hidden width of the text MLPs (None: 4 * text_width)
+    vision_layer_scale: bool = False  # image blocks scale each residual branch by a learnt vector (ls_1, ls_2)
+    text_layer_scale: bool = False  # the same for the text blocks
+    norm_eps: float = 1e-5  # epsilon of every layer norm
+    image_mean: tuple[float, float, float] = OPENAI_MEAN  # normalisation mean of the images, RGB in [0, 1]
+    image_std: tuple[float, float, float] = OPENAI_STD  # normalisation std of the images
+    interpolation: str = "bicubic"  # resize interpolation of the model's own (classification) preprocessing
+    name: str = ""  # architecture name when known (open_clip model name or OpenAI name), for messages
 
-    def to_dict(self) -> dict[str, int]:
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+
+    def to_dict(self) -> dict:
         return asdict(self)
 
 
@@ -62,23 +86,46 @@ class QuickGELU(nn.Module):
         return torch.sigmoid_(x * 1.702).mul_(x)
 
 
-class ResidualAttentionBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (`gamma`, OpenCLIP's name)."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma.to(x.dtype)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm transformer block: x + ls_1(attn(ln_1(x))), then x + ls_2(mlp(ln_2(x)));
+    `ls_1`/`ls_2` are identities unless the model has layer scale."""
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_width: int | None = None,
+        activation: str = "quick_gelu",
+        layer_scale: bool = False,
+        norm_eps: float = 1e-5,
+    ) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by {heads} heads")
         # nn.MultiheadAttention holds the weights under OpenAI's names (in_proj_weight, out_proj); the computation
         # below is explicit so that the queries, keys and values are available to the dense attention variants.
         self.attn = nn.MultiheadAttention(width, heads)
-        self.ln_1 = LayerNorm(width)
+        self.ln_1 = LayerNorm(width, eps=norm_eps)
+        hidden = mlp_width or width * 4
+        act = QuickGELU() if activation == "quick_gelu" else nn.GELU()
         self.mlp = nn.Sequential(
-            OrderedDict(
-                [("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))]
-            )
+            OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", act), ("c_proj", nn.Linear(hidden, width))])
         )
-        self.ln_2 = LayerNorm(width)
+        self.ln_2 = LayerNorm(width, eps=norm_eps)
+        # Identities (no parameters) without layer scale, so OpenAI's state dicts keep their exact key set.
+        self.ls_1: nn.Module = LayerScale(width) if layer_scale else nn.Identity()
+        self.ls_2: nn.Module = LayerScale(width) if layer_scale else nn.Identity()
         self.heads = heads
 
     def in_projection(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,10 +144,16 @@ class ResidualAttentionBlock(nn.Module):
         return self.split_heads(self.in_projection(x))
 
     def project(self, heads_out: torch.Tensor) -> torch.Tensor:
-        """Merge heads and apply the output projection: (B, H, N, hd) -> (B, N, width)."""
+        """Merge heads, apply the output projection and the layer scale: (B, H, N, hd) -> (B, N, width).
+
+        This is the attention branch exactly as it is added to the residual stream."""
         batch, heads, tokens, head_dim = heads_out.shape
         merged = heads_out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)  # (B, N, width)
-        return self.attn.out_proj(merged)
+        return self.ls_1(self.attn.out_proj(merged))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP branch as it is added to the residual stream: ls_2(mlp(ln_2(x)))."""
+        return self.ls_2(self.mlp(self.ln_2(x)))
 
     def attend(
         self, x: torch.Tensor, heads_out: torch.Tensor, residual: bool = True, mlp: bool = True
@@ -109,7 +162,7 @@ class ResidualAttentionBlock(nn.Module):
         y = self.project(heads_out)
         x = x + y if residual else y
         if mlp:
-            x = x + self.mlp(self.ln_2(x))
+            x = x + self.feed_forward(x)
         return x
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -120,12 +173,15 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of residual attention blocks (`resblocks.N`)."""
 
-    def __init__(self, width: int, layers: int, heads: int, causal: bool = False) -> None:
+    def __init__(self, width: int, layers: int, heads: int, causal: bool = False, **block_options) -> None:
+        """`block_options` (mlp_width, activation, layer_scale, norm_eps) go to every block."""
         super().__init__()
         self.width = width
         self.layers = layers
         self.causal = causal
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.Sequential(
+            *[ResidualAttentionBlock(width, heads, **block_options) for _ in range(layers)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
@@ -136,7 +192,9 @@ class Transformer(nn.Module):
 class VisionTransformer(nn.Module):
     """CLIP's image tower: patch embedding, class token, transformer, `ln_post` and projection."""
 
-    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int) -> None:
+    def __init__(
+        self, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int, **block_options
+    ) -> None:
         super().__init__()
         self.input_resolution = image_size
         self.patch_size = patch_size
@@ -145,9 +203,10 @@ class VisionTransformer(nn.Module):
         scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
-        self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
-        self.ln_post = LayerNorm(width)
+        eps = block_options.get("norm_eps", 1e-5)
+        self.ln_pre = LayerNorm(width, eps=eps)
+        self.transformer = Transformer(width, layers, heads, **block_options)
+        self.ln_post = LayerNorm(width, eps=eps)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     @property
@@ -235,12 +294,25 @@ class CLIP(nn.Module):
             config.vision_layers,
             config.vision_heads,
             config.embed_dim,
+            mlp_width=config.vision_mlp_width,
+            activation=config.activation,
+            layer_scale=config.vision_layer_scale,
+            norm_eps=config.norm_eps,
         )
-        self.transformer = Transformer(config.text_width, config.text_layers, config.text_heads, causal=True)
+        self.transformer = Transformer(
+            config.text_width,
+            config.text_layers,
+            config.text_heads,
+            causal=True,
+            mlp_width=config.text_mlp_width,
+            activation=config.activation,
+            layer_scale=config.text_layer_scale,
+            norm_eps=config.norm_eps,
+        )
         self.vocab_size = config.vocab_size
         self.token_embedding = nn.Embedding(config.vocab_size, config.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.text_width))
-        self.ln_final = LayerNorm(config.text_width)
+        self.ln_final = LayerNorm(config.text_width, eps=config.norm_eps)
         self.text_projection = nn.Parameter(torch.empty(config.text_width, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
         # Identity of the weights (checkpoint sha256 or the random-model recipe); set by the loaders.
@@ -332,8 +404,8 @@ class CLIP(nn.Module):
                 y = block.attend(y.index_select(0, ends).unsqueeze(1), out).squeeze(1)  # (B, width)
             else:
                 out = F.scaled_dot_product_attention(q[:, :, prefix:], k, v, attn_mask=mask)  # (B, H, suffix, hd)
-                y = y + block.attn.out_proj(out.transpose(1, 2)[own].flatten(1))  # (N, width)
-                y = y + block.mlp(block.ln_2(y))
+                y = y + block.ls_1(block.attn.out_proj(out.transpose(1, 2)[own].flatten(1)))  # (N, width)
+                y = y + block.feed_forward(y)
         y = self.ln_final(y)
         return y @ self.text_projection.to(y.dtype)
 

@@ -25,6 +25,17 @@ RANDOM_SIZES: dict[str, CLIPConfig] = {
     "vit-b-32": CLIPConfig(embed_dim=512, image_size=224, patch_size=32, vision_width=768, vision_layers=12,
                            vision_heads=12, context_length=77, vocab_size=49408, text_width=512, text_layers=12,
                            text_heads=8),
+    # ViT-L/14's geometry (patch 14, 24 image blocks) at the tiny widths: block numbers and window grids of L/14.
+    "tiny-l-14": CLIPConfig(embed_dim=64, image_size=224, patch_size=14, vision_width=128, vision_layers=24,
+                            vision_heads=2, context_length=77, vocab_size=49408, text_width=64, text_layers=12,
+                            text_heads=1),
+    "vit-l-14": CLIPConfig(embed_dim=768, image_size=224, patch_size=14, vision_width=1024, vision_layers=24,
+                           vision_heads=16, context_length=77, vocab_size=49408, text_width=768, text_layers=12,
+                           text_heads=12),
+    # OpenCLIP ViT-H/14's sizes (GELU, 80-wide heads); for speed and memory measurements.
+    "vit-h-14": CLIPConfig(embed_dim=1024, image_size=224, patch_size=14, vision_width=1280, vision_layers=32,
+                           vision_heads=16, context_length=77, vocab_size=49408, text_width=1024, text_layers=24,
+                           text_heads=16, activation="gelu", name="ViT-H-14"),
 }
 
 _SPEC = re.compile(r"^random-([a-z0-9-]+?)(?::(\d+))?$")
@@ -34,7 +45,11 @@ def random_clip_state_dict(size: str = "tiny", seed: int = 0) -> dict[str, torch
     """A float32 state dict in OpenAI's layout with CLIP's initialisation, drawn from `torch.Generator(seed)`."""
     if size not in RANDOM_SIZES:
         raise ValueError(f"unknown random CLIP size {size!r}; known: {', '.join(RANDOM_SIZES)}")
-    config = RANDOM_SIZES[size]
+    return random_state_dict_for(RANDOM_SIZES[size], seed)
+
+
+def random_state_dict_for(config: CLIPConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The seeded random state dict of any `CLIPConfig` (layer-scale vectors near 1, as layer norms)."""
     model = CLIP(config)
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
@@ -53,7 +68,8 @@ def random_clip_state_dict(size: str = "tiny", seed: int = 0) -> dict[str, torch
     }
     for name, reference in model.state_dict().items():
         shape = reference.shape
-        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight")):
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight", "ln_final.weight",
+                          "ls_1.gamma", "ls_2.gamma")):
             value = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         elif name.endswith(".bias"):
             value = 0.02 * torch.randn(shape, generator=generator)
@@ -82,7 +98,9 @@ def create_random_clip(
     """A seeded random CLIP of a named size, ready for inference (built through the strict loader)."""
     from itaclip_core.model.weights import build_clip
 
-    model = build_clip(random_clip_state_dict(size, seed), f"random-{size}:{seed}", dtype)
+    if size not in RANDOM_SIZES:
+        raise ValueError(f"unknown random CLIP size {size!r}; known: {', '.join(RANDOM_SIZES)}")
+    model = build_clip(random_clip_state_dict(size, seed), f"random-{size}:{seed}", dtype, config=RANDOM_SIZES[size])
     model.weights_id = f"random-{size}:{seed}"
     return model.to(device)
 
@@ -99,8 +117,8 @@ def save_random_clip(path: str | Path, size: str = "tiny", seed: int = 0, half: 
 
 
 def is_random_spec(spec: str) -> bool:
-    """True for `random-<size>` or `random-<size>:<seed>`."""
-    return bool(_SPEC.match(spec))
+    """True for `random-<size>` or `random-<size>:<seed>` (and `random-open_clip:<model>[:<seed>]`)."""
+    return bool(_SPEC.match(spec)) or spec.startswith("random-open_clip:")
 
 
 def random_clip_from_spec(spec: str, dtype: torch.dtype = torch.float32) -> CLIP:

@@ -5,7 +5,9 @@
   taken from the cache (`~/.cache/itaclip`, or `$ITACLIP_CACHE`, or `cache_dir`) after its sha256 is verified, or
   downloaded into it;
 - a path to a checkpoint (TorchScript archive or state dict in OpenAI's layout, fp16 or fp32);
-- `random-tiny` / `random-vit-b-16` (optionally `:SEED`): a seeded random CLIP, for tests and demos.
+- `random-tiny` / `random-vit-b-16` (optionally `:SEED`): a seeded random CLIP, for tests and demos;
+- `open_clip:<model>/<pretrained tag or checkpoint path>` and `random-open_clip:<model>[:SEED]`: OpenCLIP ViTs
+  (see `itaclip_core.model.openclip`; needs the extra `openclip`).
 """
 
 from __future__ import annotations
@@ -204,11 +206,16 @@ def _summarise(keys: list[str], limit: int = 12) -> str:
 
 
 def build_clip(
-    state: dict[str, torch.Tensor], source: str = "state dict", dtype: torch.dtype = torch.float32
+    state: dict[str, torch.Tensor],
+    source: str = "state dict",
+    dtype: torch.dtype = torch.float32,
+    config: CLIPConfig | None = None,
 ) -> CLIP:
-    """A CLIP whose architecture is read off `state`, loaded strictly, in `dtype` (fp16/bf16 cast as OpenAI)."""
+    """A CLIP loaded strictly from `state`, in `dtype` (fp16/bf16 cast as OpenAI).
+
+    The architecture is `config`, or (OpenAI checkpoints) read off the tensor shapes."""
     state = {k: v for k, v in state.items() if k not in META_KEYS}
-    config = config_from_state_dict(state, source)
+    config = config or config_from_state_dict(state, source)
     model = CLIP(config)
     expected = set(model.state_dict())
     missing = sorted(expected - set(state))
@@ -242,8 +249,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 WEIGHTS_HELP = (f"a model name ({', '.join(REGISTRY)}; downloaded once into the verified cache), a checkpoint "
-                "file (TorchScript or OpenAI-layout state dict), or random-tiny / random-vit-b-16 (optionally :SEED) "
-                "for a random test model")  # fmt: skip
+                "file (TorchScript or OpenAI-layout state dict), open_clip:<model>/<pretrained tag or checkpoint path> "
+                "for an OpenCLIP / MetaCLIP model, or random-tiny / random-vit-b-16 / random-open_clip:<model> "
+                "(optionally :SEED) for a random test model")  # fmt: skip
 
 
 def check_weights_spec(spec: str | Path) -> None:
@@ -256,6 +264,8 @@ def check_weights_spec(spec: str | Path) -> None:
     from itaclip_core.model.random import RANDOM_SIZES, is_random_spec
 
     text = str(spec)
+    if text.startswith(("open_clip:", "random-open_clip:")):  # checked by itaclip_core.model.openclip when loaded
+        return
     if is_random_spec(text):
         size = text.split(":")[0][len("random-"):]
         if size not in RANDOM_SIZES:
@@ -286,7 +296,8 @@ def load_clip(
     """Load a CLIP for inference.
 
     Args:
-        name_or_path: an OpenAI model name, a checkpoint path, or `random-tiny` / `random-vit-b-16` (`:SEED`).
+        name_or_path: an OpenAI model name, a checkpoint path, `random-tiny` / `random-vit-b-16` (`:SEED`),
+            `open_clip:<model>/<tag or path>` or `random-open_clip:<model>[:SEED]`.
         device: where to put the model (default: CUDA when available, else CPU).
         cache_dir: the download cache (default `$ITACLIP_CACHE` or `~/.cache/itaclip`).
         dtype: `float32`, `float16` or `bfloat16` (default float16 on CUDA, float32 on CPU).
@@ -300,7 +311,13 @@ def load_clip(
     dtype = resolve_dtype(dtype) or default_dtype(torch_device)
     spec = str(name_or_path)
     check_weights_spec(spec)
-    if is_random_spec(spec):
+    from itaclip_core.model import openclip
+
+    if openclip.is_random_open_clip_spec(spec):
+        model = openclip.random_open_clip(spec, dtype=dtype)
+    elif openclip.is_open_clip_spec(spec):
+        model = openclip.load_open_clip(spec, cache_dir, dtype)
+    elif is_random_spec(spec):
         model = random_clip_from_spec(spec, dtype=dtype)
     elif canonical_name(spec) is not None:
         path = download_checkpoint(spec, cache_dir, progress)
