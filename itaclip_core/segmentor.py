@@ -220,6 +220,7 @@ class Segmentor:
         """
         self.model = model.eval()
         config = validate_config(get_preset(config) if isinstance(config, str) else config)
+        self._keep = tuple(keep)
         self.backbone_fit = fit_to_backbone(config, model.config, keep=keep)  # block numbers, crop, stride
         self.config = self.backbone_fit.config
         check_against_model(self.config, model)
@@ -354,7 +355,8 @@ class Segmentor:
             plan = plan_classes(self.config, classes, aux_file, aux_coef, background, self.model.context_length)
         for note in plan.notes:
             self.notes(note)
-        self.config = plan.config
+        # the plan's settings (own classes) fitted to this backbone like the rest (a no-op when already fitted)
+        self.config = fit_to_backbone(plan.config, self.model.config, keep=self._keep, warn=False).config
         self.classifier = build_classifier(
             self.model,
             plan.vocab,

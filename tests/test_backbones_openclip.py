@@ -269,8 +269,12 @@ def test_missing_extra_names_it(monkeypatch):
 
 
 def test_cli_reports_an_unsupported_model(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
     from itaclip_core.cli import main
 
+    Image.fromarray(np.zeros((32, 40, 3), dtype=np.uint8)).save(tmp_path / "x.png")
     code = main(["segment", str(tmp_path / "x.png"), "--classes", "cat, dog", "--weights",
                  "open_clip:ViT-B-16-SigLIP/webli", "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 2

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from itaclip_core.errors import UserError
 from itaclip_core.data.base import DatasetError, SegDataset
 from itaclip_core.evaluation.distributed import DistContext
 from itaclip_core.evaluation.records import MANIFEST_KEYS, MANIFEST_NAME, atomic_write_text
@@ -30,7 +31,7 @@ CONFIGS_DIR = "configs"
 PREDS_DIR = "preds"
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """A comparison cannot be run as asked (the message names the argument and the fix)."""
 
 

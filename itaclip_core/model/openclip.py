@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from itaclip_core.errors import UserError
 from itaclip_core.model.checkpoint import CheckpointError, read_state_dict
 from itaclip_core.model.clip import CLIP, OPENAI_MEAN, OPENAI_STD, CLIPConfig
 
@@ -46,11 +47,11 @@ _TEXT_KEYS_OK = {"context_length", "vocab_size", "width", "heads", "layers", "ml
 _TOP_KEYS_OK = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "init_logit_scale"}
 
 
-class OpenClipUnsupportedError(ValueError):
+class OpenClipUnsupportedError(UserError, ValueError):
     """An open_clip model whose architecture our CLIP classes (and so the dense readout) cannot run."""
 
 
-class MissingExtraError(ImportError, ValueError):
+class MissingExtraError(UserError, ImportError, ValueError):
     """An optional package is not installed (an ImportError; also a ValueError, so that command-line tools report
     it as a user error with its message)."""
 

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from itaclip_core.errors import UserError
+
 BACKENDS = ("lattice", "exact", "pydensecrf2")
 UNARY_CLIP = 1e-5  # pydensecrf's unary_from_softmax clip
 
@@ -46,7 +48,7 @@ EXACT_CACHE_ELEMENTS = 1 << 24
 LATTICE_CHUNK_PIXELS = 4096
 
 
-class CRFSettingError(ValueError):
+class CRFSettingError(UserError, ValueError):
     """A DenseCRF setting or input is out of range."""
 
 

@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from itaclip_core.errors import UserError
+
 FILTERS = ("guided", "joint_bilateral")
 BORDERS = ("reflect", "replicate", "circular", "constant")
 
@@ -25,7 +27,7 @@ BORDERS = ("reflect", "replicate", "circular", "constant")
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
 
 
-class GuidedFilterSettingError(ValueError):
+class GuidedFilterSettingError(UserError, ValueError):
     """A guided-filter setting is out of range."""
 
 

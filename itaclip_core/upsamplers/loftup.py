@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from itaclip_core.errors import UserError
 import itaclip_core.model.weights as weights_module
 from itaclip_core.model.weights import RegistryEntry, WeightsUnavailableError, default_cache_dir, file_sha256
 
@@ -50,7 +51,7 @@ PE_CHANNELS = 20  # 2 coordinates x 5 frequencies x (sin, cos)
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
-class LoftUpCheckpointError(ValueError):
+class LoftUpCheckpointError(UserError, ValueError):
     """A LoftUp file does not have the published key layout."""
 
 
