@@ -16,17 +16,25 @@ test models share the geometry of what they imitate (`random-tiny` is a `vit-b-1
 The rules (documented; none of them is a published setting):
 - block numbers (`relative_block`, `relative_blocks`, `relative_block_range`): the same relative depth,
   b -> round(b * L_target / L_source), 1-based, kept before the last block; duplicates merged in order;
+- block numbers that each mean something else (`relative_block_each`, e.g. SC-CLIP's `scclip_blocks`): each at
+  the same relative depth, position by position, nothing merged;
 - pixel sizes (`same_patches`): the same size in patches, px -> round(px * patch_target / patch_source), half up
-  (crop 224 = 14 patches of 16 px -> 196 = 14 patches of 14 px; stride 28 -> 25, 112 -> 98).
+  (crop 224 = 14 patches of 16 px -> 196 = 14 patches of 14 px; stride 28 -> 25, 112 -> 98); crop 0 (the whole
+  image) stays 0.
+
+The methods' own entries (registered next to their presets, `itaclip_core.methods.presets` and
+`itaclip_core.methods.scclip_cliptrase_presets`): ResCLIP's RCS blocks (`fuse_blocks`), SC-CLIP's `scclip_blocks`
+and its published ViT-L/14 setting. Blocks a method finds from the depth itself need no entry: NACLIP and ClearCLIP
+use the last block only, CLIPtrase's correlation is block L-1's, the mask attention's spatial branch averages
+blocks L-2-n .. L-3 (`itaclip_core.masks.attention.spatial_blocks`), ProxyCLIP replaces the last block.
 
 How a method adds its entries (e.g. in its own module, next to its presets):
 
     from itaclip_core.backbones import (PUBLISHED, BackboneSetting, register_method_rules, relative_block,
                                          relative_block_range)
-    register_method_rules("scclip", {"scclip_affinity_block": relative_block, "scclip_multi_blocks":
-                                     relative_block_range})
-    PUBLISHED["scclip"]["vit-l-14"] = BackboneSetting(
-        {"scclip_affinity_block": 17, ...}, source="SC-CLIP first commit and issue #5")
+    register_method_rules("scclip", {"scclip_blocks": relative_block_each})
+    register_published("scclip", "vit-l-14", {"scclip_blocks": (17, 7, 9, 19), "scclip_res_cls": 0.1, ...},
+                       source="SuleBai/SC-CLIP configs/base_config.py, ViT-L/14 block; issue #5")
 
 Field names are `SegmentorConfig` fields; a rule for a field the config does not have is skipped.
 """
@@ -37,9 +45,10 @@ import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from itaclip_core.model.clip import CLIPConfig
+if TYPE_CHECKING:  # pragma: no cover - torch is imported only when a model is built (presets register rules here)
+    from itaclip_core.model.clip import CLIPConfig
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,12 @@ def relative_blocks(value: Iterable[int], source: Backbone, target: Backbone) ->
     return tuple(out)
 
 
+def relative_block_each(value: Iterable[int], source: Backbone, target: Backbone) -> tuple[int, ...]:
+    """Each 1-based block number at the same relative depth, position by position (nothing merged: the positions
+    mean different things, e.g. SC-CLIP's (affinity block, post block, first, last))."""
+    return tuple(_block(int(block), source, target) for block in value)
+
+
 def relative_block_range(value: tuple[int, int], source: Backbone, target: Backbone) -> tuple[int, int]:
     """A (first, last) block range, both ends at the same relative depth."""
     first, last = value
@@ -128,7 +143,10 @@ def relative_block_range(value: tuple[int, int], source: Backbone, target: Backb
 
 
 def same_patches(value: int, source: Backbone, target: Backbone) -> int:
-    """A size in pixels that covers the same number of patches (rounded half up, at least one patch)."""
+    """A size in pixels that covers the same number of patches (rounded half up, at least one patch); 0 (a crop of
+    the whole image) stays 0."""
+    if int(value) == 0:
+        return 0
     return max(target.patch_size, int(int(value) * target.patch_size / source.patch_size + 0.5))
 
 
@@ -136,6 +154,7 @@ RULE_DESCRIPTIONS: dict[Rule, str] = {
     relative_block: "same relative depth",
     relative_blocks: "same relative depth",
     relative_block_range: "same relative depth",
+    relative_block_each: "same relative depth",
     same_patches: "same size in patches",
 }
 
@@ -240,6 +259,8 @@ def fit_to_backbone(config: Any, model_config: CLIPConfig, keep: Iterable[str] =
         if name not in names:
             continue
         tuned = getattr(config, name)
+        if isinstance(tuned, tuple) and not tuned:  # no blocks (e.g. fuse_blocks=()): nothing to fit
+            continue
         if name in keep:
             choices.append(FieldChoice(name, tuned, tuned, "kept (set explicitly)"))
             continue
@@ -269,6 +290,8 @@ def settings_table(method: str, tuned: Any, backbones: Iterable[str] = ("vit-b-1
                    ) -> list[dict[str, Any]]:
     """For a config `tuned` (of `method`), the value of every adapted field on each backbone, with its origin; for
     the README and notebooks."""
+    from itaclip_core.model.clip import CLIPConfig
+
     rows = []
     for key in backbones:
         target = parse_backbone(key)
@@ -277,10 +300,19 @@ def settings_table(method: str, tuned: Any, backbones: Iterable[str] = ("vit-b-1
                                   vocab_size=8, text_width=8, text_layers=1, text_heads=1)
         fit = fit_to_backbone(tuned, model_config, warn=False)
         row: dict[str, Any] = {"backbone": key}
-        for name in list(FIELD_RULES) + list(METHOD_RULES.get(method, {})):
+        published_names = [n for s in PUBLISHED.get(method, {}).values() for n in s.values]
+        for name in dict.fromkeys([*FIELD_RULES, *METHOD_RULES.get(method, {}), *published_names]):
             if hasattr(fit.config, name):
                 row[name] = getattr(fit.config, name)
-        published = bool(fit.choices) and all(c.published for c in fit.choices)
-        row["origin"] = "as tuned" if not fit.adapted else "published" if published else "rule (not published)"
+        published = [c.name for c in fit.choices if c.published]
+        ruled = [c.name for c in fit.choices if not c.published]
+        if not fit.adapted:
+            row["origin"] = "as tuned"
+        elif published and not ruled:
+            row["origin"] = "published"
+        elif published:
+            row["origin"] = f"published ({', '.join(published)}); rule, not published ({', '.join(ruled)})"
+        else:
+            row["origin"] = "rule (not published)"
         rows.append(row)
     return rows

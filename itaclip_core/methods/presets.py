@@ -20,11 +20,20 @@ Read from each method's official configs (see `docs/methods_clip_only.md`):
   probabilities; SCLIP's class files.
 
 RCS [tau, lambda] map to `attention_scale = tau` and `fuse_weight = 1 - lambda` on `fuse_blocks = (6, 7, 8, 9)`.
+
+Other backbones (`itaclip_core.backbones`): crop and stride keep their size in patches (crop 0, the whole image,
+stays 0). ResCLIP's RCS blocks (`fuse_blocks`) on ViT-L/14 are the official code's, blocks 6-9 (it hard-codes them
+for every backbone, and its base config offers ViT-L/14), registered as published; on other depths (ViT-H/14 etc.)
+the same relative depth (rule, not published). Its SFR settings are in patches or pixels of the image
+(`sfr_sigma`, `sfr_pamr_dilations`) and need no change. NACLIP and ClearCLIP change the last block only: no block
+numbers to fit.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from itaclip_core.backbones import register_method_rules, register_published, relative_blocks
 
 # dataset -> (class file, background)
 _DATASETS: dict[str, tuple[str, bool]] = {
@@ -69,6 +78,10 @@ _RESCLIP = {
     "ade20k": (336, 224, 0.0, 0.25, (2.0, 0.3), (2.1, 0.7)),
 }
 RCS_BLOCKS = (6, 7, 8, 9)  # 1-based, of a 12-block tower
+
+register_method_rules("resclip", {"fuse_blocks": relative_blocks})
+register_published("resclip", "vit-l-14", {"fuse_blocks": RCS_BLOCKS},
+                   source="yvhangyang/ResCLIP clip/model.py: RCS blocks 6-9 hard-coded for every backbone")
 
 
 def zoo_a_presets(config_class: type) -> list:
