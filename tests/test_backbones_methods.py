@@ -28,7 +28,7 @@ PRESETS = {
     "itaclip_context60": {},
     "sclip_voc20": {},
     "naclip_context59": {},
-    "clearclip_context59": {},
+    "clearclip_cityscapes": {},
     "resclip_context59": {},
     "scclip_voc20": {},
     "cliptrase_voc20_224": {},
