@@ -45,7 +45,7 @@ EXACT_BLOCK_ELEMENTS = 1 << 22
 # Up to this many pixel pairs the exact kernels are kept as N x N matrices (64 MiB in float32).
 EXACT_CACHE_ELEMENTS = 1 << 24
 # The lattice mean field slices, adds the unary and normalises this many pixels at a time.
-LATTICE_CHUNK_PIXELS = 4096
+LATTICE_CHUNK_PIXELS = 16384
 
 
 class CRFSettingError(UserError, ValueError):
@@ -229,6 +229,17 @@ class PermutohedralKernel:
         self.slice_weight = self.slice_weight * norm
         self.norm = norm
 
+    def blur_bags(self, direction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Blur along `direction` as bags of lattice rows: (index, count per row, weight) for rows 0..M, where
+        row r's bag is r itself (weight 1) and its existing neighbours (weight 1/2 each); row 0 (the zero row
+        that missing neighbours point at) gets an empty bag."""
+        n1, n2 = self.neighbours[direction]
+        rows = torch.arange(n1.shape[0], device=n1.device)
+        index = torch.stack([rows, n1, n2], dim=1)  # (M + 1, 3)
+        weight = torch.tensor([1.0, 0.5, 0.5], device=n1.device).expand(index.shape)
+        keep = index > 0
+        return index[keep], keep.sum(dim=1), weight[keep]
+
     def _raw(self, values: torch.Tensor) -> torch.Tensor:
         """The lattice's approximation of K @ values for values (N, C) (with the current splat/slice weights)."""
         lattice = F.embedding_bag(
@@ -245,46 +256,61 @@ class PermutohedralKernel:
 
 
 class CombinedLatticeMessages:
-    """sum_m w_m K~_m v for several permutohedral kernels with one splat and one slice over all their lattices.
+    """sum_m w_m K~_m v for several permutohedral kernels, with one splat, one blur pass per lattice direction and
+    one slice over all their lattices together.
 
-    The lattices' rows are stacked into one table: one `embedding_bag` splats v onto all of them, each is blurred
-    along its own directions, and one `embedding_bag` of (d_1 + 1) + (d_2 + 1) + ... rows per pixel, with the
-    Potts weights folded into the slice weights, gives the summed messages. Same result as applying the kernels
-    one by one (up to float summation order), with fewer passes over the (N, K) arrays.
+    The lattices' rows are stacked into one table: one `embedding_bag` splats v onto all of them; blur step j is one
+    `embedding_bag` over the whole table whose bag for a row is the row itself (weight 1) and its two neighbours
+    along direction j of its own lattice (weight 1/2 each, missing ones left out); a kernel with fewer directions
+    than j keeps its rows (a bag of the row alone). The slice sums (d_1 + 1) + (d_2 + 1) + ... table rows per pixel,
+    with the Potts weights and pydensecrf's constants folded into the slice weights. Same result as applying the
+    kernels one by one (up to float summation order), with a handful of large operations per iteration.
     """
 
     def __init__(self, kernels: list[tuple[float, PermutohedralKernel]]) -> None:
-        self.parts = []
         splat_index, splat_weight, offsets, slice_index, slice_weight = [], [], [], [], []
         row = 0
         entries = 0
+        starts = []
         for weight, kernel in kernels:
-            rows = kernel.num_points + 1
-            self.parts.append((row, rows, kernel.neighbours))
+            starts.append(row)
             splat_index.append(kernel.splat_index)
             splat_weight.append(kernel.splat_weight)
             offsets.append(kernel.splat_offsets + entries)
             slice_index.append(kernel.slice_index + row)
             slice_weight.append(kernel.slice_weight * (weight * kernel.alpha))
-            row += rows
+            row += kernel.num_points + 1
             entries += kernel.splat_index.shape[0]
+        self.rows = row
         self.splat_index = torch.cat(splat_index)
         self.splat_weight = torch.cat(splat_weight)
         self.splat_offsets = torch.cat(offsets)
         self.slice_index = torch.cat(slice_index, dim=1).contiguous()
         self.slice_weight = torch.cat(slice_weight, dim=1).contiguous()
+        # Each lattice's blur steps, as (index, offsets, weights) of one bag per row of that lattice.
+        self.parts = []
+        for start, (_, kernel) in zip(starts, kernels):
+            steps = []
+            for direction in range(kernel.dim + 1):
+                index, counts, weights = kernel.blur_bags(direction)
+                steps.append((index, torch.cumsum(counts, 0) - counts, weights))
+            self.parts.append((start, kernel.num_points + 1, steps))
+
+    def lattice_into(self, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Splat and blur values (N, C) into out[:rows] (rows = sum of M_m + 1), and return that view."""
+        table = F.embedding_bag(self.splat_index, values, self.splat_offsets, mode="sum",
+                                per_sample_weights=self.splat_weight)
+        for start, rows, steps in self.parts:
+            lattice = table[start : start + rows]
+            for index, offsets, weights in steps:
+                lattice = F.embedding_bag(index, lattice, offsets, mode="sum", per_sample_weights=weights)
+            out[start : start + rows] = lattice
+        return out[: self.rows]
 
     def lattice(self, values: torch.Tensor) -> torch.Tensor:
         """Splat and blur: the stacked lattice values (sum of M_m + 1, C)."""
-        table = F.embedding_bag(self.splat_index, values, self.splat_offsets, mode="sum",
-                                per_sample_weights=self.splat_weight)
-        blurred = []
-        for start, rows, neighbours in self.parts:
-            lattice = table[start : start + rows]
-            for n1, n2 in neighbours:
-                lattice = lattice + 0.5 * (lattice[n1] + lattice[n2])
-            blurred.append(lattice)
-        return torch.cat(blurred)
+        out = torch.empty(self.rows, values.shape[1], dtype=values.dtype, device=values.device)
+        return self.lattice_into(values, out)
 
     def slice(self, table: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The summed messages of pixels start:stop from the lattice values."""
@@ -297,15 +323,27 @@ class CombinedLatticeMessages:
 
 def lattice_mean_field(unary: torch.Tensor, messages: CombinedLatticeMessages, iterations: int,
                        chunk_pixels: int = LATTICE_CHUNK_PIXELS) -> torch.Tensor:
-    """`mean_field` for lattice messages: after each splat and blur, the slice, the unary and the softmax run over
-    blocks of pixels, so each block's (pixels, K) energies stay in the cache (same result as `mean_field`)."""
-    q = torch.softmax(-unary, dim=1)
+    """`mean_field` for lattice messages (same result up to float summation order).
+
+    The lattice table and -unary share one (rows + N, K) array, and each pixel's slice bag also holds its own
+    -unary row (weight 1), so one `embedding_bag` gives a block of pixels' energies; the softmax of the block is
+    written straight into Q. The splat and blur read the previous Q before any block of it is overwritten.
+    """
+    count = unary.shape[0]
+    rows = messages.rows
+    device = unary.device
+    store = torch.empty(rows + count, unary.shape[1], dtype=torch.float32, device=device)
+    torch.neg(unary, out=store[rows:])
+    pixel_rows = torch.arange(rows, rows + count, device=device)[:, None]
+    index = torch.cat([messages.slice_index, pixel_rows], dim=1).contiguous()
+    weight = torch.cat([messages.slice_weight, torch.ones(count, 1, device=device)], dim=1).contiguous()
+    q = torch.softmax(store[rows:], dim=1)
     for _ in range(iterations):
-        table = messages.lattice(q)  # from the previous Q, before any block of Q is overwritten
-        for start in range(0, unary.shape[0], chunk_pixels):
-            stop = start + chunk_pixels
-            energy = messages.slice(table, start, stop).sub_(unary[start:stop])
-            q[start:stop] = torch.softmax(energy, dim=1)
+        messages.lattice_into(q, store)
+        for start in range(0, count, chunk_pixels):
+            stop = min(start + chunk_pixels, count)
+            energy = F.embedding_bag(index[start:stop], store, mode="sum", per_sample_weights=weight[start:stop])
+            torch.softmax(energy, dim=1, out=q[start:stop])
     return q
 
 
