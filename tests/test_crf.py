@@ -243,3 +243,19 @@ def test_blockwise_lattice_mean_field_equals_the_plain_one():
     blocked = crf.lattice_mean_field(unary, combined, 5, chunk_pixels=7)  # blocks end mid-row
     assert (blocked - plain).abs().max() < 1e-5
     assert (plain - torch.softmax(-unary, 1)).abs().max() > 1e-2
+
+
+def test_block_splat_equals_the_plain_lattice(monkeypatch):
+    from itaclip_core.refinement import crf
+
+    rng = np.random.default_rng(13)
+    probs, image = _natural_like(rng, 24, 40, 4)
+    kernels = [(3.0, crf.PermutohedralKernel(crf.gaussian_features(24, 40, 3.0))),
+               (10.0, crf.PermutohedralKernel(crf.bilateral_features(torch.from_numpy(image), 80.0, 13.0)))]
+    unary = -torch.log(torch.from_numpy(probs).clamp(1e-5, 1)).reshape(4, -1).T.contiguous()
+    plain = crf.mean_field(unary, kernels, 5)
+    monkeypatch.setattr(crf, "SPLAT_BLOCK_PIXELS", 50)  # blocks end mid-row; every lattice point spans blocks
+    combined = crf.CombinedLatticeMessages(kernels)
+    assert combined.block_offsets.shape[0] > combined.rows  # the two-level splat is in use
+    blocked = crf.lattice_mean_field(unary, combined, 5, chunk_pixels=64)
+    assert (blocked - plain).abs().max() < 1e-5

@@ -45,7 +45,9 @@ EXACT_BLOCK_ELEMENTS = 1 << 22
 # Up to this many pixel pairs the exact kernels are kept as N x N matrices (64 MiB in float32).
 EXACT_CACHE_ELEMENTS = 1 << 24
 # The lattice mean field slices, adds the unary and normalises this many pixels at a time.
-LATTICE_CHUNK_PIXELS = 4096
+LATTICE_CHUNK_PIXELS = 32768
+# The lattice splat first sums each lattice point's pixels within blocks of this many pixels.
+SPLAT_BLOCK_PIXELS = 32768
 
 
 class CRFSettingError(UserError, ValueError):
@@ -167,12 +169,11 @@ class PermutohedralKernel:
         bary.scatter_add_(1, dim - rank + 1, -vals)
         bary[:, 0] += 1.0 + bary[:, dim + 1]
         weights = bary[:, : dim + 1]  # (N, d + 1), one per remainder
-        # The d + 1 vertices: key_i = rem0_i + canonical[r][rank_i], canonical[r][j] = r if j <= d - r else r - d - 1.
+        # The d + 1 vertices: key_i = rem0_i + canonical[r][rank_i], canonical[r][j] = r if j <= d - r else r - d - 1,
+        # i.e. rem0_i + r - (d + 1) [rank_i > d - r].
         remainders = torch.arange(dim + 1, device=device)
-        canonical = torch.where(
-            remainders[None, :] <= dim - remainders[:, None], remainders[:, None], remainders[:, None] - dim - 1
-        )  # (r, j)
-        keys = rem0[:, None, :dim] + canonical[:, rank[:, :dim]].permute(1, 0, 2)  # (N, d + 1, d)
+        keys = (rem0[:, None, :dim] + remainders[None, :, None]
+                - (dim + 1) * (rank[:, None, :dim] > dim - remainders[None, :, None]))  # (N, d + 1, d)
         keys = keys.reshape(-1, dim)
         # Hash the keys: a mixed-radix code of the coordinates (with room for the +-d neighbour steps).
         lowest = keys.min(dim=0).values - (dim + 1)
@@ -188,38 +189,34 @@ class PermutohedralKernel:
                 "srgb, or use backend='pydensecrf2'"
             )
         codes = ((keys - lowest) * radix).sum(dim=1)
-        unique, inverse = torch.unique(codes, sorted=True, return_inverse=True)
+        # One stable sort gives the lattice points (in code order), each entry's point and the splat order.
+        sorted_codes, order = torch.sort(codes, stable=True)
+        unique, sorted_point, per_point = torch.unique_consecutive(sorted_codes, return_inverse=True,
+                                                                   return_counts=True)
         points = unique.shape[0]
+        inverse = torch.empty_like(sorted_point)
+        inverse[order] = sorted_point
+        first = torch.cumsum(per_point, 0) - per_point  # first sorted entry of each point
         self.num_points = points
-        lattice_keys = torch.empty(points, dim, dtype=torch.long, device=device)
-        lattice_keys[inverse] = keys
-        # Neighbours along each direction j (0 = missing; lattice values live in rows 1..M).
-        neighbours = []
-        for j in range(dim + 1):
-            n1 = lattice_keys - 1
-            n2 = lattice_keys + 1
-            if j < dim:
-                n1[:, j] = lattice_keys[:, j] + dim
-                n2[:, j] = lattice_keys[:, j] - dim
-            pair = []
-            for n in (n1, n2):
-                code = ((n - lowest) * radix).sum(dim=1)
-                pos = torch.searchsorted(unique, code).clamp(max=points - 1)
-                found = unique[pos] == code
-                index = torch.where(found, pos + 1, torch.zeros_like(pos))
-                pair.append(torch.cat([torch.zeros(1, dtype=torch.long, device=device), index]))
-            neighbours.append(tuple(pair))
+        # Neighbours along each direction j (0 = missing; lattice values live in rows 1..M). The neighbour
+        # key_j^- = key - 1 + (d + 1) e_j (key - 1 for j = d) and key_j^+ = key + 1 - (d + 1) e_j have the codes
+        # code(key) -+ (sum(radix) - (d + 1) radix_j): all 2 (d + 1) of them are looked up in one search.
+        step = torch.cat([radix, torch.zeros(1, dtype=torch.long, device=device)]) * (dim + 1)
+        delta = step - radix.sum()  # (d + 1,): code(key_j^-) - code(key)
+        wanted = unique[:, None] + torch.cat([delta, -delta])[None, :]  # (M, 2 (d + 1))
+        pos = torch.searchsorted(unique, wanted.reshape(-1)).clamp(max=points - 1).reshape(wanted.shape)
+        found = torch.where(unique[pos] == wanted, pos + 1, torch.zeros_like(pos))
+        found = torch.cat([torch.zeros(1, 2 * (dim + 1), dtype=torch.long, device=device), found])  # row 0
+        neighbours = [(found[:, j].contiguous(), found[:, dim + 1 + j].contiguous()) for j in range(dim + 1)]
         self.neighbours = neighbours
         # Splat and slice as weighted bags of rows (`embedding_bag`): slicing sums d + 1 lattice rows per pixel,
         # splatting sums the pixel rows of each lattice point (pixels sorted by lattice point, CSR-like offsets).
         self.count = count
         self.slice_index = (inverse.reshape(count, dim + 1) + 1).contiguous()  # (N, d + 1) rows of the lattice
         self.slice_weight = weights.contiguous()  # (N, d + 1)
-        order = torch.argsort(self.slice_index.reshape(-1), stable=True)
-        vertex = self.slice_index.reshape(-1)[order]
         self.splat_index = torch.div(order, dim + 1, rounding_mode="floor")  # pixel of each sorted entry
         self.splat_weight = weights.reshape(-1)[order].contiguous()
-        starts = torch.searchsorted(vertex, torch.arange(points + 1, device=device))
+        starts = torch.cat([torch.zeros(1, dtype=torch.long, device=device), first])
         self.splat_offsets = starts  # bag m (lattice row m) = entries starts[m] : starts[m + 1]; row 0 is empty
         self.alpha = 1.0 / (1.0 + 2.0 ** (-dim))
         ones = torch.ones(count, 1, dtype=torch.float32, device=device)
@@ -228,6 +225,17 @@ class PermutohedralKernel:
         self.splat_weight = self.splat_weight * norm[self.splat_index, 0]
         self.slice_weight = self.slice_weight * norm
         self.norm = norm
+
+    def blur_bags(self, direction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Blur along `direction` as bags of lattice rows: (index, count per row, weight) for rows 0..M, where
+        row r's bag is r itself (weight 1) and its existing neighbours (weight 1/2 each); row 0 (the zero row
+        that missing neighbours point at) gets an empty bag."""
+        n1, n2 = self.neighbours[direction]
+        rows = torch.arange(n1.shape[0], device=n1.device)
+        index = torch.stack([rows, n1, n2], dim=1)  # (M + 1, 3)
+        weight = torch.tensor([1.0, 0.5, 0.5], device=n1.device).expand(index.shape)
+        keep = index > 0
+        return index[keep], keep.sum(dim=1), weight[keep]
 
     def _raw(self, values: torch.Tensor) -> torch.Tensor:
         """The lattice's approximation of K @ values for values (N, C) (with the current splat/slice weights)."""
@@ -245,46 +253,76 @@ class PermutohedralKernel:
 
 
 class CombinedLatticeMessages:
-    """sum_m w_m K~_m v for several permutohedral kernels with one splat and one slice over all their lattices.
+    """sum_m w_m K~_m v for several permutohedral kernels, with one splat, one blur pass per lattice direction and
+    one slice over all their lattices together.
 
-    The lattices' rows are stacked into one table: one `embedding_bag` splats v onto all of them, each is blurred
-    along its own directions, and one `embedding_bag` of (d_1 + 1) + (d_2 + 1) + ... rows per pixel, with the
-    Potts weights folded into the slice weights, gives the summed messages. Same result as applying the kernels
-    one by one (up to float summation order), with fewer passes over the (N, K) arrays.
+    The lattices' rows are stacked into one table: one `embedding_bag` splats v onto all of them; blur step j is one
+    `embedding_bag` over the whole table whose bag for a row is the row itself (weight 1) and its two neighbours
+    along direction j of its own lattice (weight 1/2 each, missing ones left out); a kernel with fewer directions
+    than j keeps its rows (a bag of the row alone). The slice sums (d_1 + 1) + (d_2 + 1) + ... table rows per pixel,
+    with the Potts weights and pydensecrf's constants folded into the slice weights. Same result as applying the
+    kernels one by one (up to float summation order), with a handful of large operations per iteration.
     """
 
     def __init__(self, kernels: list[tuple[float, PermutohedralKernel]]) -> None:
-        self.parts = []
         splat_index, splat_weight, offsets, slice_index, slice_weight = [], [], [], [], []
         row = 0
         entries = 0
+        starts = []
         for weight, kernel in kernels:
-            rows = kernel.num_points + 1
-            self.parts.append((row, rows, kernel.neighbours))
+            starts.append(row)
             splat_index.append(kernel.splat_index)
             splat_weight.append(kernel.splat_weight)
             offsets.append(kernel.splat_offsets + entries)
             slice_index.append(kernel.slice_index + row)
             slice_weight.append(kernel.slice_weight * (weight * kernel.alpha))
-            row += rows
+            row += kernel.num_points + 1
             entries += kernel.splat_index.shape[0]
+        self.rows = row
         self.splat_index = torch.cat(splat_index)
         self.splat_weight = torch.cat(splat_weight)
         self.splat_offsets = torch.cat(offsets)
         self.slice_index = torch.cat(slice_index, dim=1).contiguous()
         self.slice_weight = torch.cat(slice_weight, dim=1).contiguous()
+        # Two-level splat: first one bag per (block of SPLAT_BLOCK_PIXELS pixels, table row), so each bag reads
+        # rows of Q that lie close together (a bilateral lattice point's pixels are spread over the image), then
+        # one bag per table row summing its blocks' partial sums.
+        total = self.splat_index.shape[0]
+        counts = torch.diff(self.splat_offsets, append=self.splat_offsets.new_tensor([total]))
+        entry_row = torch.repeat_interleave(torch.arange(self.rows, device=self.splat_index.device), counts)
+        block_key = torch.div(self.splat_index, SPLAT_BLOCK_PIXELS, rounding_mode="floor") * self.rows + entry_row
+        block_key, order = torch.sort(block_key, stable=True)
+        partial_key, per_partial = torch.unique_consecutive(block_key, return_counts=True)
+        self.block_index = self.splat_index[order]
+        self.block_weight = self.splat_weight[order]
+        self.block_offsets = torch.cumsum(per_partial, 0) - per_partial
+        partial_row, self.partial_index = torch.sort(partial_key % self.rows, stable=True)
+        self.partial_offsets = torch.searchsorted(partial_row, torch.arange(self.rows, device=partial_row.device))
+        # Each lattice's blur steps, as (index, offsets, weights) of one bag per row of that lattice.
+        self.parts = []
+        for start, (_, kernel) in zip(starts, kernels):
+            steps = []
+            for direction in range(kernel.dim + 1):
+                index, counts, weights = kernel.blur_bags(direction)
+                steps.append((index, torch.cumsum(counts, 0) - counts, weights))
+            self.parts.append((start, kernel.num_points + 1, steps))
+
+    def lattice_into(self, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Splat and blur values (N, C) into out[:rows] (rows = sum of M_m + 1), and return that view."""
+        partial = F.embedding_bag(self.block_index, values, self.block_offsets, mode="sum",
+                                  per_sample_weights=self.block_weight)
+        table = F.embedding_bag(self.partial_index, partial, self.partial_offsets, mode="sum")
+        for start, rows, steps in self.parts:
+            lattice = table[start : start + rows]
+            for index, offsets, weights in steps:
+                lattice = F.embedding_bag(index, lattice, offsets, mode="sum", per_sample_weights=weights)
+            out[start : start + rows] = lattice
+        return out[: self.rows]
 
     def lattice(self, values: torch.Tensor) -> torch.Tensor:
         """Splat and blur: the stacked lattice values (sum of M_m + 1, C)."""
-        table = F.embedding_bag(self.splat_index, values, self.splat_offsets, mode="sum",
-                                per_sample_weights=self.splat_weight)
-        blurred = []
-        for start, rows, neighbours in self.parts:
-            lattice = table[start : start + rows]
-            for n1, n2 in neighbours:
-                lattice = lattice + 0.5 * (lattice[n1] + lattice[n2])
-            blurred.append(lattice)
-        return torch.cat(blurred)
+        out = torch.empty(self.rows, values.shape[1], dtype=values.dtype, device=values.device)
+        return self.lattice_into(values, out)
 
     def slice(self, table: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The summed messages of pixels start:stop from the lattice values."""
@@ -297,15 +335,35 @@ class CombinedLatticeMessages:
 
 def lattice_mean_field(unary: torch.Tensor, messages: CombinedLatticeMessages, iterations: int,
                        chunk_pixels: int = LATTICE_CHUNK_PIXELS) -> torch.Tensor:
-    """`mean_field` for lattice messages: after each splat and blur, the slice, the unary and the softmax run over
-    blocks of pixels, so each block's (pixels, K) energies stay in the cache (same result as `mean_field`)."""
-    q = torch.softmax(-unary, dim=1)
+    """`mean_field` for lattice messages (same result up to float summation order).
+
+    The lattice table and -unary share one (rows + N, K) array, and each pixel's slice bag also
+    holds its own -unary row (weight 1), so one `embedding_bag` gives a block of pixels' energies; the softmax of
+    the block is written straight into Q. The splat and blur read the previous Q before any block of it is
+    overwritten.
+    """
+    store = torch.empty(messages.rows + unary.shape[0], unary.shape[1], dtype=torch.float32, device=unary.device)
+    torch.neg(unary, out=store[messages.rows :])
+    return lattice_mean_field_in_store(store, messages, iterations, chunk_pixels)
+
+
+def lattice_mean_field_in_store(store: torch.Tensor, messages: CombinedLatticeMessages, iterations: int,
+                                chunk_pixels: int = LATTICE_CHUNK_PIXELS) -> torch.Tensor:
+    """`lattice_mean_field` on a (rows + N, K) array `store` whose last N rows hold -unary, rows =
+    `messages.rows` (the first rows are working space for the lattice values). Returns Q (N, K)."""
+    rows = messages.rows
+    count = store.shape[0] - rows
+    device = store.device
+    pixel_rows = torch.arange(rows, rows + count, device=device)[:, None]
+    index = torch.cat([messages.slice_index, pixel_rows], dim=1).contiguous()
+    weight = torch.cat([messages.slice_weight, torch.ones(count, 1, device=device)], dim=1).contiguous()
+    q = torch.softmax(store[rows:], dim=1)
     for _ in range(iterations):
-        table = messages.lattice(q)  # from the previous Q, before any block of Q is overwritten
-        for start in range(0, unary.shape[0], chunk_pixels):
-            stop = start + chunk_pixels
-            energy = messages.slice(table, start, stop).sub_(unary[start:stop])
-            q[start:stop] = torch.softmax(energy, dim=1)
+        messages.lattice_into(q, store)
+        for start in range(0, count, chunk_pixels):
+            stop = min(start + chunk_pixels, count)
+            energy = F.embedding_bag(index[start:stop], store, mode="sum", per_sample_weights=weight[start:stop])
+            torch.softmax(energy, dim=1, out=q[start:stop])
     return q
 
 
@@ -347,7 +405,8 @@ def _as_probs(probs: torch.Tensor | np.ndarray) -> torch.Tensor:
         )
     if tensor.shape[0] < 1 or tensor.shape[1] < 1 or tensor.shape[2] < 1:
         raise CRFSettingError(f"probs has shape {tuple(tensor.shape)}: every dimension must be at least 1")
-    if not bool(torch.isfinite(tensor).all()):
+    low, high = torch.aminmax(tensor)  # NaN propagates to both; one pass, no (K, H, W) mask
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))):
         raise CRFSettingError("probs holds NaN or infinite values: give class probabilities in [0, 1]")
     return tensor
 
@@ -452,7 +511,7 @@ def dense_crf(
                            float(bilateral_compat))
         return out if as_numpy else torch.from_numpy(out).to(device)
     with torch.no_grad():
-        unary = -torch.log(tensor.float().clamp(UNARY_CLIP, 1.0)).reshape(classes, -1).T  # (N, K)
+        log_probs = torch.log_(tensor.float().clamp(UNARY_CLIP, 1.0)).reshape(classes, -1).T  # -unary, (N, K)
         make = KERNELS[backend]
         kernels = []
         if gaussian_compat > 0 and iterations > 0:
@@ -462,8 +521,13 @@ def dense_crf(
             kernels.append((float(bilateral_compat),
                             make(bilateral_features(rgb, float(bilateral_sxy), float(bilateral_srgb)))))
         if backend == "lattice" and kernels:
-            q = lattice_mean_field(unary.contiguous(), CombinedLatticeMessages(kernels), int(iterations))
+            messages = CombinedLatticeMessages(kernels)
+            store = torch.empty(messages.rows + height * width, classes, dtype=torch.float32, device=device)
+            store[messages.rows :] = log_probs
+            q = lattice_mean_field_in_store(store, messages, int(iterations))
         else:
-            q = mean_field(unary.contiguous(), kernels, int(iterations))
-        out = q.T.reshape(classes, height, width).contiguous()
+            q = mean_field(log_probs.neg().contiguous(), kernels, int(iterations))
+        out = torch.empty(classes, height * width, dtype=torch.float32, device=device)
+        out.copy_(q.T)  # one 2-D transposing copy (much faster than .contiguous() of the 3-D view)
+        out = out.reshape(classes, height, width)
     return out.cpu().numpy() if as_numpy else out
