@@ -57,7 +57,7 @@ class SegmentorConfig:
     batch_size: int | None = None  # images (windows x views) per forward pass; None: 16 on CPU, from free memory on GPU
     text_batch_size: int | None = None  # prompts per forward pass of the text tower; None: 256 CPU, 1024 GPU
     truncate_texts: bool = False  # cut prompts longer than 77 tokens instead of refusing them
-    # --- dense methods and feature refinements (issue 10; see itaclip_core.methods, itaclip_core.refinement) ---
+    # --- dense methods and feature refinements (see itaclip_core.methods, itaclip_core.refinement) ---
     readout: str = "tokens"  # dense readout (a name in itaclip_core.methods.DENSE_READOUTS)
     attention_scale: float = 1.0  # factor on the last block's fused attention (ResCLIP's RCS tau)
     neighbourhood_sigma: float = 5.0  # NACLIP's Gaussian neighbourhood bias, in patches (variants naclip/resclip)
@@ -79,7 +79,7 @@ class SegmentorConfig:
     regional_beta: float = 0.6
     class_separator: str = ", "  # between name variants in class files (ClearCLIP's files: ",")
     pad_to_patch: bool = False  # zero-pad windows to a patch multiple, crop the logits back (ClearCLIP)
-    # SC-CLIP and CLIPtrase (issue 10; itaclip_core/methods/scclip.py, cliptrase.py)
+    # SC-CLIP and CLIPtrase (itaclip_core/methods/scclip.py, cliptrase.py)
     scclip_detector: str = "lof"  # SC-CLIP anomaly detector: "lof" (official code) or "l2norm" (its first release)
     scclip_blocks: tuple[int, ...] = (9, 4, 4, 10)  # SC-CLIP: affinity block, post block, multi-level first, last
     scclip_res_cls: float = 0.3  # SC-CLIP: weight of the class token after the last-block attention
@@ -108,7 +108,7 @@ class SegmentorConfig:
     proxy_checkpoint: str | None = None  # proxy model weights path; None: official download; random: random weights
     proxy_beta: float = 1.2  # proxy attention: similarities below beta x their mean are removed
     proxy_gamma: float = 3.0  # proxy attention: softmax scale
-    # --- Boundary refinement (issue 12): logit refinements at the original size, in this order (see
+    # --- Boundary refinement: logit refinements at the original size, in this order (see
     # itaclip_core.refinement.logits: pamr, crf, guided), their settings, and a feature upsampler of the dense stage.
     logit_refine: tuple[str, ...] = ("pamr",)  # "pamr" runs only when pamr_steps > 0
     crf_iterations: int = 10  # DenseCRF mean-field iterations
@@ -127,7 +127,7 @@ class SegmentorConfig:
     guided_border: str = "reflect"  # window padding at the border
     upsampler: str | None = None  # feature upsampler of each window's patch features ("loftup"), None: none
     upsampler_weights: str | None = None  # its checkpoint: a path, or None for the verified cache
-    # Backbones (issue 13): the backbone the block numbers, crop and stride were tuned on; on another backbone the
+    # Backbones: the backbone the block numbers, crop and stride were tuned on; on another backbone the
     # segmentor takes them from the per-backbone table (itaclip_core.backbones) unless adapt_backbone is false.
     tuned_on: str = "vit-b-16"
     adapt_backbone: bool = True
@@ -224,7 +224,7 @@ PRESETS: dict[str, SegmentorConfig] = {
 }
 
 
-# SC-CLIP and CLIPtrase (issue 10): their presets live in their own module.
+# SC-CLIP and CLIPtrase: their presets live in their own module.
 from itaclip_core.methods.scclip_cliptrase_presets import scclip_cliptrase_presets  # noqa: E402
 
 PRESETS.update({p.name: p for group in scclip_cliptrase_presets(SegmentorConfig) for p in group})

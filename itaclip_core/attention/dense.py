@@ -54,7 +54,7 @@ class DenseConfig:
     last_residual: bool = True  # keep the last block's residual connection around attention
     last_mlp: bool = True  # keep the last block's MLP
     block_variants: tuple[tuple[int, str], ...] = field(default=())  # (block, variant) for earlier blocks
-    # --- dense-method interface (issue 10) ---
+    # --- dense-method interface ---
     variant_params: tuple[tuple[str, Any], ...] = ()  # keyword parameters of the last block's variant
     attention_scale: float = 1.0  # factor on the last block's (fused) attention map (ResCLIP's RCS tau)
     keep_blocks: tuple[int, ...] = ()  # further blocks whose (q, k) go into the context
