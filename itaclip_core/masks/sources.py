@@ -22,30 +22,21 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, TypeVar
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 from PIL import Image
 
 from itaclip_core.masks.config import GeneratorConfig, SuperpixelConfig, generator_config
 from itaclip_core.masks.maskset import MaskError, MaskSet, as_mask_set
+from itaclip_core.registry import registrar
 
 MASK_SOURCES: dict[str, type["MaskSource"]] = {}
 
-_S = TypeVar("_S", bound=type["MaskSource"])
 
 
-def register_mask_source(name: str) -> Callable[[_S], _S]:
-    """Class decorator adding a mask source to `MASK_SOURCES` under `name`."""
-
-    def decorator(cls: _S) -> _S:
-        if name in MASK_SOURCES:
-            raise ValueError(f"mask source {name!r} is already registered")
-        cls.name = name
-        MASK_SOURCES[name] = cls
-        return cls
-
-    return decorator
+# Class decorator adding a mask source to `MASK_SOURCES` under its name: `@register_mask_source("name")`.
+register_mask_source = registrar(MASK_SOURCES, "mask source")
 
 
 class MaskSource:

@@ -40,7 +40,7 @@ settings from the config.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar, Sequence, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from itaclip_core.attention.dense import DenseConfig, dense_tokens, last_variant
 from itaclip_core.inference.views import make_views, mix_views
 from itaclip_core.model.clip import VisionTransformer
+from itaclip_core.registry import registrar
 
 if TYPE_CHECKING:
     from itaclip_core.inference.engine import DenseInference
@@ -58,20 +59,10 @@ if TYPE_CHECKING:
 
 DENSE_READOUTS: dict[str, type["DenseReadout"]] = {}
 
-_R = TypeVar("_R", bound=type["DenseReadout"])
 
 
-def register_readout(name: str) -> Callable[[_R], _R]:
-    """Class decorator adding a dense readout to `DENSE_READOUTS` under `name`."""
-
-    def decorator(cls: _R) -> _R:
-        if name in DENSE_READOUTS:
-            raise ValueError(f"dense readout {name!r} is already registered")
-        cls.name = name
-        DENSE_READOUTS[name] = cls
-        return cls
-
-    return decorator
+# Class decorator adding a dense readout to `DENSE_READOUTS` under its name: `@register_readout("name")`.
+register_readout = registrar(DENSE_READOUTS, "dense readout")
 
 
 def readout_class(name: str) -> type["DenseReadout"]:

@@ -41,29 +41,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+from itaclip_core.registry import registrar
 
 if TYPE_CHECKING:
     from itaclip_core.presets import SegmentorConfig
 
 REFINEMENTS: dict[str, type["FeatureRefinement"]] = {}
 
-_F = TypeVar("_F", bound=type["FeatureRefinement"])
 
 
-def register_refinement(name: str) -> Callable[[_F], _F]:
-    """Class decorator adding a feature refinement to `REFINEMENTS` under `name`."""
-
-    def decorator(cls: _F) -> _F:
-        if name in REFINEMENTS:
-            raise ValueError(f"feature refinement {name!r} is already registered")
-        cls.name = name
-        REFINEMENTS[name] = cls
-        return cls
-
-    return decorator
+# Class decorator adding a feature refinement to `REFINEMENTS` under its name: `@register_refinement("name")`.
+register_refinement = registrar(REFINEMENTS, "feature refinement")
 
 
 @dataclass
