@@ -209,21 +209,28 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _child(spec: dict[str, Any], queue: mp.Queue) -> None:
+def _child(measure: Any, spec: dict[str, Any], queue: mp.Queue) -> None:
     try:
-        queue.put(_measure(spec))
+        queue.put(measure(spec))
     except BaseException as error:  # report, never hang the parent
         queue.put({"error": f"{type(error).__name__}: {error}"})
 
 
-def run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one measurement in a fresh process and return its result."""
+def in_fresh_process(measure: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """`measure(spec)` (a module-level function) in a fresh spawned process, so that peak memory belongs to that
+    step alone: its result, or `{"error": "Type: message"}` when it raised."""
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(spec, queue))
+    process = context.Process(target=_child, args=(measure, spec, queue))
     process.start()
     result = queue.get()
     process.join()
+    return result
+
+
+def run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement in a fresh process and return its result."""
+    result = in_fresh_process(_measure, spec)
     if "error" in result:
         raise RuntimeError(f"{spec['task']} ({spec['model']}, {spec['setting']}) failed: {result['error']}")
     return result

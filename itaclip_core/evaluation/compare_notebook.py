@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from itaclip_core.evaluation.notebook_report import report_parameters, run_report
+from itaclip_core.evaluation.notebook_report import report_and_say, report_parameters
 
 NOTEBOOK_NAME = "13_compare.ipynb"
 
@@ -107,15 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CompareError, DatasetError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    try:
-        executed, html = run_report(parameters, Path(parameters["OUT_DIR"]), args.notebook or default_notebook(),
-                                    cell_timeout=args.cell_timeout)  # fmt: skip
-    except Exception as error:  # the partial report is kept; say where
-        print(f"the comparison report failed: {error}", file=sys.stderr)
-        print(f"partial report (if any): {Path(parameters['OUT_DIR'])}", file=sys.stderr)
-        return 1
-    print(f"report: {html}\nexecuted notebook: {executed}")
-    return 0
+    return report_and_say(parameters, args.notebook or default_notebook(), args.cell_timeout, "comparison report")
 
 
 if __name__ == "__main__":

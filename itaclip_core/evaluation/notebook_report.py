@@ -125,11 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = yaml.safe_load(args.parameters.read_text(encoding="utf-8")) or {}
     parameters = report_parameters(args.preset, args.data_root, args.weights, args.out, args.num_images, args.dataset,
                                    args.device, args.overrides, base)  # fmt: skip
+    return report_and_say(parameters, args.notebook, args.cell_timeout, "report")
+
+
+def report_and_say(parameters: dict[str, Any], notebook: Path | None, cell_timeout: int | None, what: str) -> int:
+    """`run_report` for a command line: prints where the report went (exit 0), or that `what` failed and where the
+    partial report is kept (exit 1)."""
     try:
-        executed, html = run_report(parameters, Path(parameters["OUT_DIR"]), args.notebook,
-                                    cell_timeout=args.cell_timeout)  # fmt: skip
+        executed, html = run_report(parameters, Path(parameters["OUT_DIR"]), notebook, cell_timeout=cell_timeout)
     except Exception as error:  # the partial report is kept; say where
-        print(f"the report failed: {error}", file=sys.stderr)
+        print(f"the {what} failed: {error}", file=sys.stderr)
         print(f"partial report (if any): {Path(parameters['OUT_DIR'])}", file=sys.stderr)
         return 1
     print(f"report: {html}\nexecuted notebook: {executed}")

@@ -13,7 +13,6 @@ LoftUp (random weights, 512-d, one 14 x 14 window to 224 x 224).
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import resource
 import sys
 import time
@@ -115,21 +114,11 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _child(spec: dict[str, Any], queue: mp.Queue) -> None:
-    try:
-        queue.put(_measure(spec))
-    except Exception as error:  # reported by the parent
-        queue.put({"step": spec["step"], "error": f"{type(error).__name__}: {error}"})
-
-
 def run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(spec, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
+    """One step in a fresh process (`itaclip_core.benchmark.in_fresh_process`); a failure is reported in the row."""
+    from itaclip_core.benchmark import in_fresh_process
+
+    return {"step": spec["step"], **in_fresh_process(_measure, spec)}
 
 
 def main(argv: list[str] | None = None) -> int:
