@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from itaclip_core.cli.common import add_device_argument, add_progress_argument, add_weights_argument
 from itaclip_core.data.base import DatasetError
 
 
@@ -69,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
             raise CompareError(f"--baseline {args.baseline}: not a configuration of this comparison; the "
                                f"configurations are {', '.join(c.name for c in configurations)}")  # fmt: skip
         run_comparison(plan, build=build, context=context, workers=args.workers, save_preds=not args.no_preds,
-                       progress=not args.quiet, weights_id=weights_id)  # fmt: skip
+                       progress=not args.no_progress, weights_id=weights_id)  # fmt: skip
         if context.is_main:
             report = build_report(out, focus=plan.focus, baseline=args.baseline, resamples=args.bootstrap,
                                   seed=args.seed, gallery=args.gallery)  # fmt: skip
@@ -109,7 +110,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "order: feature refinements (selfcorr, regional, sfr) become --set refine=..., logit "
                         "refinements (crf, guided, pamr) --set logit_refine=...")
     parser.add_argument("--data-root", required=True, help="the benchmark's root folder (MMSegmentation layout)")
-    parser.add_argument("--weights", default="ViT-B/16", help="CLIP weights: a name (ViT-B/16) or a checkpoint path")
+    add_weights_argument(parser)
     parser.add_argument("--num-samples", type=int, default=None, help="evaluate only the first N images")
     parser.add_argument("--out", required=True, metavar="DIR", help="the comparison folder (records and report)")
     parser.add_argument("--focus", default=None, metavar="CLASS",
@@ -123,10 +124,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="images in the focus gallery (default 4)")  # fmt: skip
     parser.add_argument("--no-preds", action="store_true",
                         help="do not save the predicted label maps (the gallery needs them)")  # fmt: skip
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
+    add_device_argument(parser)
     parser.add_argument("--workers", type=int, default=2, help="image-loading worker processes (default 2)")
     parser.add_argument("--segmentor-factory", default=None, metavar="MODULE:FUNCTION",
                         help="build each segmentor with FUNCTION(preset, weights=, device=, overrides=) instead of "
                         "the shared model and Segmentor")  # fmt: skip
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_progress_argument(parser)
     parser.set_defaults(func=_run)

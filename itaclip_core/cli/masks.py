@@ -19,6 +19,8 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from itaclip_core.cli.common import add_device_argument, add_progress_argument
+
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
@@ -42,12 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "(sam2.1_hiera_t ... sam2_hiera_l)")
     gen.add_argument("--checkpoint", default=None, help="checkpoint path (default: the official file, "
                      "downloaded into the cache); random-tiny for a tiny random model")
-    gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_device_argument(gen)
     gen.add_argument("--format", choices=["npz", "png"], default="npz", help="output format (default npz)")
     gen.add_argument("--order", default="small_on_top", help="paint order for --format png (small_on_top, "
                      "large_on_top, score)")
     gen.add_argument("--out", type=Path, required=True, help="output folder")
-    gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_progress_argument(gen)
     gen.set_defaults(func=run_generate)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
