@@ -43,6 +43,7 @@ from itaclip_core.text.classes import (
     read_class_file,
 )
 from itaclip_core.text.classifier import TextClassifier, build_classifier, check_prompt_lengths, load_templates
+from itaclip_core.timing import timed
 from itaclip_core.validation import check_against_model, find_text_file, user_classes_config, validate_config
 from itaclip_core.upsamplers.window import build_upsampler
 
@@ -371,6 +372,7 @@ class Segmentor:
         ).to(self.model.device)
 
     # ----------------------------------------------------------------------------------------------- images
+    @timed("decode and resize")
     def prepare(self, image: ImageInput, name: str | None = None) -> PreparedImage:
         """Decode and resize an image as the protocol does (short side `config.short_side`; with
         `protocol=centre_crop`, CLIPtrase's n x n centre crop, n = `config.crop`)."""
@@ -391,6 +393,7 @@ class Segmentor:
         logits = self.engine.logits(image, self.classifier.features, prepared.original_size, side=side)
         return self._refine(image, logits, prepared)
 
+    @timed("logit refinement")
     def _refine(self, image: torch.Tensor, logits: torch.Tensor, prepared: PreparedImage) -> torch.Tensor:
         """The logit refinements (`logit_refine`: PAMR, DenseCRF, guided filtering) at the original size."""
         return refine_logits(logits, self.logit_refinements, image, prepared.original_size, self.config.logit_scale)
@@ -420,6 +423,7 @@ class Segmentor:
     def _finish(self, prepared: PreparedImage, image: torch.Tensor, logits: torch.Tensor) -> Prediction:
         return self._labels(self._refine(image, logits, prepared), prepared)
 
+    @timed("labels")
     def _labels(self, logits: torch.Tensor, prepared: PreparedImage, mask_set: MaskSet | None = None,
                 regions: np.ndarray | None = None) -> Prediction:
         result = postprocess(

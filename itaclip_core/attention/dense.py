@@ -41,6 +41,8 @@ import torch.nn.functional as F
 
 from itaclip_core.attention.variants import AttentionContext, AttentionVariant, get_attention
 from itaclip_core.model.clip import VisionTransformer
+from itaclip_core.model.kernels import attention
+from itaclip_core.timing import timed
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ def last_variant(config: DenseConfig) -> AttentionVariant:
     return get_attention(config.variant, **dict(config.variant_params))
 
 
+@timed("image tower")
 def run_trunk(
     visual: VisionTransformer, images: torch.Tensor, config: DenseConfig, stop: int | None = None
 ) -> TowerState:
@@ -120,6 +123,7 @@ def run_trunk(
     return advance(visual, state, config, len(visual.blocks) - 1 if stop is None else stop)
 
 
+@timed("image tower")
 def advance(visual: VisionTransformer, state: TowerState, config: DenseConfig, stop: int) -> TowerState:
     """Run blocks `state.next_block` .. `stop` (1-based, inclusive; never the last block) on `state`, in place."""
     blocks = visual.blocks
@@ -136,7 +140,7 @@ def advance(visual: VisionTransformer, state: TowerState, config: DenseConfig, s
         if number in replaced:
             out = get_attention(replaced[number]).apply(q, k, v, state.context(number, len(blocks)))
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = attention(q, k, v)
         x = block.attend(x, out)
         if number in config.keep_tokens:
             state.tokens[number] = x
@@ -145,6 +149,7 @@ def advance(visual: VisionTransformer, state: TowerState, config: DenseConfig, s
     return state
 
 
+@timed("image tower")
 def last_block(
     visual: VisionTransformer,
     state: TowerState,

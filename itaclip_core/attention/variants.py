@@ -40,6 +40,8 @@ from typing import Any, Callable, ClassVar, TypeVar
 import torch
 import torch.nn.functional as F
 
+from itaclip_core.model.kernels import attention
+
 ATTENTION_VARIANTS: dict[str, type["AttentionVariant"]] = {}
 
 _V = TypeVar("_V", bound=type["AttentionVariant"])
@@ -165,7 +167,7 @@ class QueryKeyAttention(AttentionVariant):
     def apply(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: AttentionContext | None = None
     ) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v)
+        return attention(q, k, v)
 
 
 @register_attention("selfself")
@@ -181,7 +183,7 @@ class SelfSelfAttention(AttentionVariant):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: AttentionContext | None = None
     ) -> torch.Tensor:
         # (A + B) v = A v + B v: two fused attention calls instead of two N x N maps.
-        return F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
+        return attention(q, q, v) + attention(k, k, v)
 
 
 @register_attention("qq")
@@ -196,7 +198,7 @@ class QueryQueryAttention(AttentionVariant):
     def apply(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: AttentionContext | None = None
     ) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, q, v)
+        return attention(q, q, v)
 
 
 @register_attention("kk")
@@ -211,7 +213,7 @@ class KeyKeyAttention(AttentionVariant):
     def apply(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: AttentionContext | None = None
     ) -> torch.Tensor:
-        return F.scaled_dot_product_attention(k, k, v)
+        return attention(k, k, v)
 
 
 # ------------------------------------------------------------------------------------------------ NACLIP, ResCLIP

@@ -13,12 +13,14 @@ reported and skipped, the others are still segmented (status 1); each image's fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from itaclip_core.timing import StepTimes, timed
 from itaclip_core.cli.common import (
     CliError,
     add_device_argument,
@@ -68,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=4, metavar="N",
                         help="images whose windows share the model's forward passes (default 4)")  # fmt: skip
     add_progress_argument(parser)
+    parser.add_argument("--timings", action="store_true",
+                        help="print the time each step took (model load, text classifier, image tower, ...) at the end")
     parser.set_defaults(func=run)
 
 
@@ -109,6 +113,29 @@ def areas_record(prediction: Any, image: str, preset: str, weights: str) -> dict
     }  # fmt: skip
 
 
+@timed("write outputs")
+def write_outputs(prediction: Any, rgb: Any, out: Path, stem: str, source: str, colours: Any, preset: str,
+                  weights: str, draw_masks: bool = False, save_npz: bool = False) -> None:
+    """Write one prediction's files into `out`: `<stem>_labels.png`, `<stem>_overlay.png`, `<stem>_areas.json`
+    (and `<stem>.npz` with `save_npz`), each atomically. `rgb` is the decoded image (H, W, 3) uint8."""
+    import numpy as np
+
+    from itaclip_core.vis import overlay, save_label_png, save_rgb_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomically(out / f"{stem}_labels.png", lambda p: save_label_png(p, prediction.labels, colours))
+    # The pixels the labels cover: the image, or the crop a protocol scored (CLIPtrase's centre crop).
+    pixels = prediction.image if prediction.image is not None else rgb
+    outlines = prediction.regions if draw_masks else None
+    shown = overlay(pixels, prediction.labels, prediction.class_names, colours, outlines=outlines)
+    _write_atomically(out / f"{stem}_overlay.png", lambda p: save_rgb_png(p, shown))
+    record = areas_record(prediction, source, preset, weights)
+    _write_atomically(out / f"{stem}_areas.json", lambda p: p.write_text(json.dumps(record, indent=2)))
+    if save_npz:
+        _write_atomically(out / f"{stem}.npz", lambda p: np.savez_compressed(
+            p, probs=prediction.probs, labels=prediction.labels, class_names=np.array(prediction.class_names)))
+
+
 def run(args: argparse.Namespace) -> int:
     from itaclip_core.cli import note
 
@@ -147,11 +174,16 @@ def run(args: argparse.Namespace) -> int:
 
     from itaclip_core.segmentor import Segmentor
 
-    segmentor = Segmentor.from_config(
-        config, weights=args.weights, device=args.device, classes=classes, dtype=args.dtype,
-        progress=not args.no_progress, notes=lambda message: note(prog, message), keep=override_keys(overrides),
-    )  # fmt: skip
-    return _segment_all(segmentor, images, out, args, prog)
+    times = StepTimes(device=args.device) if args.timings else None
+    with times if times is not None else contextlib.nullcontext():
+        segmentor = Segmentor.from_config(
+            config, weights=args.weights, device=args.device, classes=classes, dtype=args.dtype,
+            progress=not args.no_progress, notes=lambda message: note(prog, message), keep=override_keys(overrides),
+        )  # fmt: skip
+        status = _segment_all(segmentor, images, out, args, prog)
+    if times is not None:
+        print(f"{prog}: time per step ({len(images)} image(s)):\n{times.summary()}", file=sys.stderr)
+    return status
 
 
 def _segment_all(segmentor: Any, images: list[Path], out: Path, args: argparse.Namespace, prog: str) -> int:
@@ -160,7 +192,7 @@ def _segment_all(segmentor: Any, images: list[Path], out: Path, args: argparse.N
     from itaclip_core.inference.preprocess import ImageReadError, read_image_bgr
     from itaclip_core.masks.maskset import MaskError
     from tqdm.auto import tqdm
-    from itaclip_core.vis import overlay, palette, save_label_png, save_rgb_png
+    from itaclip_core.vis import palette
 
     # Black (the VOC colour of index 0) is kept for a background class; other vocabularies start at a colour.
     colours = palette(segmentor.num_classes) if segmentor.config.background else palette(segmentor.num_classes + 1)[1:]
@@ -204,20 +236,9 @@ def _segment_all(segmentor: Any, images: list[Path], out: Path, args: argparse.N
                                                  progress=not args.no_progress, total=len(images))  # fmt: skip
     for prediction in predictions:
         path, rgb = decoded.pop(prediction.name)
-        stem = stems[path]
-        out.mkdir(parents=True, exist_ok=True)
         prediction.name = path.name
-        _write_atomically(out / f"{stem}_labels.png", lambda p: save_label_png(p, prediction.labels, colours))
-        # The pixels the labels cover: the image, or the crop a protocol scored (CLIPtrase's centre crop).
-        pixels = prediction.image if prediction.image is not None else rgb
-        outlines = prediction.regions if args.draw_masks else None
-        shown = overlay(pixels, prediction.labels, prediction.class_names, colours, outlines=outlines)
-        _write_atomically(out / f"{stem}_overlay.png", lambda p: save_rgb_png(p, shown))
-        record = areas_record(prediction, str(path), segmentor.config.name, segmentor.weights_id)
-        _write_atomically(out / f"{stem}_areas.json", lambda p: p.write_text(json.dumps(record, indent=2)))
-        if args.save_npz:
-            _write_atomically(out / f"{stem}.npz", lambda p: np.savez_compressed(
-                p, probs=prediction.probs, labels=prediction.labels, class_names=np.array(prediction.class_names)))
+        write_outputs(prediction, rgb, out, stems[path], str(path), colours, segmentor.config.name,
+                      segmentor.weights_id, draw_masks=args.draw_masks, save_npz=args.save_npz)
         done += 1
     for path, message in failures:
         print(f"{prog}: skipped {path}: {message}", file=sys.stderr)

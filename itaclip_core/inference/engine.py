@@ -25,6 +25,7 @@ from itaclip_core.inference.preprocess import renormalise_for
 from itaclip_core.inference.sliding import Window, sliding_windows, stitch
 from itaclip_core.inference.views import VIEW_NAMES
 from itaclip_core.model.clip import CLIP
+from itaclip_core.timing import step
 
 if TYPE_CHECKING:
     from itaclip_core.methods.base import DenseReadout
@@ -126,7 +127,8 @@ class DenseInference:
         extra = {}
         if side is not None:
             extra["side"] = torch.stack([side[..., w.y1 : w.y2, w.x1 : w.x2] for w in windows])
-        logits = self.readout.window_logits(self, crops, text_features, self.refinements, **extra)  # (N, Q, r, c)
+        with step("dense features"):
+            logits = self.readout.window_logits(self, crops, text_features, self.refinements, **extra)  # (N, Q, r, c)
         return logits, windows
 
     @torch.no_grad()
@@ -167,7 +169,8 @@ class DenseInference:
                                for i in members])  # fmt: skip
             crops = self._model_normalised(crops)
             # (sum of windows, Q, rows, cols), through the readout and the feature refinements as in `logits`
-            patch_logits = self.readout.window_logits(self, crops, text_features, self.refinements)
+            with step("dense features"):
+                patch_logits = self.readout.window_logits(self, crops, text_features, self.refinements)
             start = 0
             for i in members:
                 count = len(windows[i])

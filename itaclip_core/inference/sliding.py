@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from itaclip_core.timing import timed
+
 
 @dataclass(frozen=True)
 class Window:
@@ -81,6 +83,7 @@ def _axis_operators(
     return operators
 
 
+@timed("stitch")
 def stitch(
     patch_logits: torch.Tensor,
     windows: list[Window],

@@ -25,10 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from itaclip_core.model.kernels import attention
+
 # OpenAI's image normalisation constants (RGB, [0, 1] scale); the default of every CLIPConfig.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 ACTIVATIONS = ("quick_gelu", "gelu")
+# Largest hidden-activation tensor of one MLP call in CPU inference (see `ResidualAttentionBlock.feed_forward`).
+_MLP_GROUP_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -152,8 +156,23 @@ class ResidualAttentionBlock(nn.Module):
         return self.ls_1(self.attn.out_proj(merged))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The MLP branch as it is added to the residual stream: ls_2(mlp(ln_2(x)))."""
-        return self.ls_2(self.mlp(self.ln_2(x)))
+        """The MLP branch as it is added to the residual stream: ls_2(mlp(ln_2(x))).
+
+        In inference on the CPU, many tokens at once go through the MLP in row groups, so that the hidden
+        activations stay in cache and no allocation is large enough to be handed back to the system after every
+        block (the cost of that is re-faulting tens of MB per block). Every row is computed by the same products,
+        so the result is the same."""
+        rows = x.numel() // x.shape[-1]
+        hidden = self.mlp.c_fc.out_features
+        if x.device.type != "cpu" or torch.is_grad_enabled() or rows * hidden * x.element_size() <= _MLP_GROUP_BYTES:
+            return self.ls_2(self.mlp(self.ln_2(x)))
+        group = max(1, _MLP_GROUP_BYTES // (hidden * x.element_size()))
+        flat = x.reshape(rows, x.shape[-1])
+        out = torch.empty_like(flat)
+        for start in range(0, rows, group):
+            part = flat[start : start + group]
+            out[start : start + group] = self.ls_2(self.mlp(self.ln_2(part)))
+        return out.view(x.shape)
 
     def attend(
         self, x: torch.Tensor, heads_out: torch.Tensor, residual: bool = True, mlp: bool = True
@@ -167,7 +186,8 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        return self.attend(x, F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True) if causal else attention(q, k, v)
+        return self.attend(x, out)
 
 
 class Transformer(nn.Module):

@@ -293,7 +293,9 @@ def build_from_state_dict(
     from itaclip_core.model.weights import build_clip
 
     state = clean_state_dict(state)
-    check_shapes(CLIP(config), state, source, config.name)
+    with torch.device("meta"):  # shapes only
+        reference = CLIP(config)
+    check_shapes(reference, state, source, config.name)
     return build_clip(state, source, dtype, config=config)
 
 

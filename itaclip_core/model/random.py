@@ -50,7 +50,8 @@ def random_clip_state_dict(size: str = "tiny", seed: int = 0) -> dict[str, torch
 
 def random_state_dict_for(config: CLIPConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """The seeded random state dict of any `CLIPConfig` (layer-scale vectors near 1, as layer norms)."""
-    model = CLIP(config)
+    with torch.device("meta"):  # names and shapes only
+        model = CLIP(config)
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     vision_scale = config.vision_width**-0.5

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from itaclip_core.model.checkpoint import META_KEYS, CheckpointError, read_state_dict
 from itaclip_core.model.clip import CLIP, CLIPConfig, cast_like_openai
 from itaclip_core.errors import UserError
+from itaclip_core.timing import timed
 
 
 class WeightsUnavailableError(UserError, RuntimeError):
@@ -216,7 +217,8 @@ def build_clip(
     The architecture is `config`, or (OpenAI checkpoints) read off the tensor shapes."""
     state = {k: v for k, v in state.items() if k not in META_KEYS}
     config = config or config_from_state_dict(state, source)
-    model = CLIP(config)
+    with torch.device("meta"):  # no storage and no initialisation: every tensor comes from `state`
+        model = CLIP(config)
     expected = set(model.state_dict())
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
@@ -228,7 +230,7 @@ def build_clip(
             parts.append(f"unexpected keys: {_summarise(unexpected)}")
         raise CheckpointError(f"{source}: does not match the CLIP architecture read from it; " + "; ".join(parts))
     try:
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     except RuntimeError as error:
         raise CheckpointError(f"{source}: tensor shapes do not fit a CLIP ViT ({error})") from error
     if dtype != torch.float32:
@@ -286,6 +288,7 @@ def check_weights_spec(spec: str | Path) -> None:
                           cli=f"--weights {text}{problem}.\nAccepted: {WEIGHTS_HELP}")
 
 
+@timed("model load")
 def load_clip(
     name_or_path: str | Path,
     device: str | torch.device | None = None,

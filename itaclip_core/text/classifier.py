@@ -34,6 +34,7 @@ from itaclip_core.errors import short
 from itaclip_core.model.clip import CLIP
 from itaclip_core.text.classes import ClassVocabulary, TextFileError, display_names
 from itaclip_core.text.tokenizer import TokenizerError, get_tokenizer, tokenize
+from itaclip_core.timing import timed
 
 DEFAULT_TEMPLATES = "templates/openai_imagenet_templates.txt"
 
@@ -213,6 +214,7 @@ def encode_texts(
     return torch.stack([bank[text] for text in texts]) if texts else torch.empty(0, model.config.embed_dim)
 
 
+@timed("text classifier")
 def build_classifier(
     model: CLIP,
     vocab: ClassVocabulary,
