@@ -5,11 +5,11 @@
 
 In a fresh process per dtype it loads the model, builds the text classifier with an empty cache, then segments the
 image `--images` times exactly as `itaclip segment` does (decode, predict, write the label map, overlay and areas),
-timing every step of every image (`itaclip_core.timing`). The *marginal* image is the mean of images 2..n. One more,
+timing every step of every image (`itaclip_core.timing`). The *marginal* image is the median of images 2..n. One more,
 untimed, pass counts the floating-point work of each step (and of the text classifier), so each step's achieved
 GFLOP/s can be set against the rate a plain large matrix product reaches in the same process (measured last, so
 that it warms nothing up): the step's time over its work at that rate is how far it is from the matrix-multiply
-floor.
+floor. The matrix rate is measured after every image (never before the first) and its median used.
 
 `--cold-cli` also runs `itaclip segment` as a new process with an empty cache (what a user's first call costs, from
 the interpreter's start to the files on disk) and sets it against the published ITACLIP code's time for the same
@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,10 +112,12 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         segmentor = Segmentor(model, get_preset(spec["preset"]), cache_dir=work / "cache")
     images = []
     prediction = None
+    rates = []
     for index in range(spec["images"]):
         with StepTimes(device=spec["device"]) as times:
             prediction = _one_image(segmentor, image, work / "out", f"image{index}")
         images.append(times.as_dict())
+        rates.append(gemm_rate(model.dtype, device=spec["device"]))  # after the image: it warms nothing up
     assert prediction is not None
     np.savez_compressed(work / "prediction.npz", probs=prediction.probs, labels=prediction.labels)
     with StepTimes(count_flops=True) as counted:  # the work of each step (not timed)
@@ -135,7 +138,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         "windows": len(segmentor.engine.windows(*segmentor.prepare(image).tensor.shape[-2:])),
         "views": segmentor.engine.num_views,
         "threads": torch.get_num_threads(),
-        "gemm_gflops": gemm_rate(model.dtype, device=spec["device"]),
+        "gemm_gflops": float(np.median(rates)),
+        "gemm_gflops_each": rates,
         "gemm_gflops_float32": gemm_rate(torch.float32, device=spec["device"]),
     }
 
@@ -163,20 +167,25 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     rate = result["gemm_gflops"]
     images = result["images"]
     first, rest = images[0]["seconds"], images[1:]
+
+    def marginal_of(values: list[float]) -> float:  # the median of images 2..n (the machine may be noisy)
+        return float(statistics.median(values)) if values else 0.0
+
     steps = list(dict.fromkeys(name for record in images for name in record["seconds"]))
     print(f"\n== {result['dtype']}: {args.weights}, {args.preset}, {args.image.name} "
           f"({result['windows']} windows x {result['views']} views), {result['threads']} threads")
-    print(f"   plain {result['dtype']} GEMM 4096^3 in this process: {rate:.0f} GFLOP/s"
+    print(f"   plain {result['dtype']} GEMM 4096^3 in this process, after each image: "
+          f"{', '.join(f'{r:.0f}' for r in result['gemm_gflops_each'])} GFLOP/s, median {rate:.0f}"
           + (f" (float32: {result['gemm_gflops_float32']:.0f})" if result["dtype"] != "float32" else ""))
     print(f"   {'step':<18} {'first image':>12} {'marginal':>10} {'GFLOP':>9} {'GFLOP/s':>9} {'vs GEMM floor':>14}")
     totals = {"first": 0.0, "marginal": 0.0}
     for name in steps + ["other"]:
         if name == "other":
             first_s = images[0]["total_seconds"] - sum(first.values())
-            marginal_s = sum(r["total_seconds"] - sum(r["seconds"].values()) for r in rest) / max(1, len(rest))
+            marginal_s = marginal_of([r["total_seconds"] - sum(r["seconds"].values()) for r in rest])
         else:
             first_s = first.get(name, 0.0)
-            marginal_s = sum(r["seconds"].get(name, 0.0) for r in rest) / max(1, len(rest))
+            marginal_s = marginal_of([r["seconds"].get(name, 0.0) for r in rest])
         flops = result["image_flops"].get(name, 0)
         totals["first"] += first_s
         totals["marginal"] += marginal_s
@@ -186,7 +195,10 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
     all_flops = sum(result["image_flops"].values())
     print(f"   {'image, in all':<18} {totals['first']:10.2f} s {totals['marginal']:8.2f} s {all_flops / 1e9:9.1f} "
           f"{all_flops / totals['marginal'] / 1e9:9.1f} {_floor(totals['marginal'], all_flops, rate):>14}")
-    print(f"   first image / marginal image: {totals['first'] / totals['marginal']:.3f}")
+    whole = marginal_of([r["total_seconds"] for r in rest])
+    each = ", ".join(f"{r['total_seconds']:.2f} s" for r in images)
+    print(f"   each image: {each}; first image / marginal "
+          f"image (median of images 2..{len(images)}): {images[0]['total_seconds'] / whole:.3f}")
     setup = result["setup"]["seconds"]
     text_s = setup.get("text classifier", 0.0)
     print(f"   text classifier (empty cache): {text_s:.2f} s, {result['text_flops'] / 1e9:.0f} GFLOP, "
@@ -244,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = np.load(Path(base["work"]) / "prediction.npz")
         for other in results[1:]:
             def marginal(r: dict[str, Any]) -> float:
-                return sum(rec["total_seconds"] for rec in r["images"][1:]) / (len(r["images"]) - 1)
+                return float(statistics.median(rec["total_seconds"] for rec in r["images"][1:]))
 
             text = base["setup"]["seconds"]["text classifier"] / other["setup"]["seconds"]["text classifier"]
             line = (f"\n{other['dtype']} against {base['dtype']}: marginal image {marginal(base) / marginal(other):.2f}x "

@@ -16,9 +16,10 @@ from __future__ import annotations
 import functools
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
-import torch
+if TYPE_CHECKING:  # torch is imported only when needed, so that a command's --help stays fast
+    import torch
 
 _ACTIVE: "StepTimes | None" = None
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -37,6 +38,7 @@ def _attention_formula(query_shape: Any, key_shape: Any, value_shape: Any, *args
 
 def _flop_counter() -> Any:
     """PyTorch's FLOP counter, also counting the CPU fused-attention kernel (which it does not count itself)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
     extra = {}
@@ -49,11 +51,11 @@ def _flop_counter() -> Any:
 class StepTimes:
     """Seconds (and FLOPs, when counted) per step while active."""
 
-    def __init__(self, count_flops: bool = False, device: torch.device | str | None = None) -> None:
+    def __init__(self, count_flops: bool = False, device: "torch.device | str | None" = None) -> None:
         self.seconds: dict[str, float] = {}
         self.flops: dict[str, int] = {}
         self.count_flops = count_flops
-        self.device = torch.device(device) if device is not None else None
+        self.device = str(device) if device is not None else None
         self._stack: list[list[Any]] = []  # [name, start, flops at start, time of children, flops of children]
         self._counter: Any = None
         self._previous: StepTimes | None = None
@@ -80,7 +82,9 @@ class StepTimes:
 
     # --- recording
     def _sync(self) -> None:
-        if self.device is not None and self.device.type == "cuda":
+        if self.device is not None and self.device.startswith("cuda"):
+            import torch
+
             torch.cuda.synchronize(self.device)
 
     def _flops_now(self) -> int:

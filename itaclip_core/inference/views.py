@@ -13,21 +13,40 @@ patch grid and projecting/upsampling once gives the same result with a fifth of 
 from __future__ import annotations
 
 import torch
-import torchvision.transforms.functional as TF
+import torch.nn.functional as F
 
 VIEW_NAMES = ("original", "grayscale", "blur", "vflip", "hflip")
 BLUR_KERNEL = 11
 BLUR_SIGMA = 5.0
+LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2 weights of R, G, B, as torchvision rounds them
 
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 3, H, W) luma replicated over the channels (torchvision's coefficients)."""
-    return TF.rgb_to_grayscale(images, num_output_channels=3)
+    """(B, 3, H, W) -> (B, 3, H, W) luma replicated over the channels (the same numbers as torchvision's
+    `rgb_to_grayscale(images, 3)`)."""
+    red, green, blue = images.unbind(dim=-3)
+    luma = (LUMA[0] * red + LUMA[1] * green + LUMA[2] * blue).to(images.dtype)
+    return luma.unsqueeze(-3).expand(images.shape)
+
+
+def gaussian_kernel(size: int, sigma: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normalised 1-D Gaussian weights at the integer offsets -(size-1)/2 .. (size-1)/2: (size,)."""
+    half = (size - 1) * 0.5
+    offsets = torch.linspace(-half, half, steps=size)
+    weights = torch.exp(-0.5 * (offsets / sigma).pow(2))
+    return (weights / weights.sum()).to(dtype)
 
 
 def gaussian_blur(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) Gaussian blur with kernel 11 and sigma 5, reflect padding (torchvision's implementation)."""
-    return TF.gaussian_blur(images, kernel_size=[BLUR_KERNEL, BLUR_KERNEL], sigma=[BLUR_SIGMA, BLUR_SIGMA])
+    """(B, 3, H, W) Gaussian blur with kernel 11 and sigma 5, reflect padding: one depthwise convolution with the
+    outer product of the 1-D weights (the same numbers as torchvision's `gaussian_blur` on float tensors)."""
+    weights = gaussian_kernel(BLUR_KERNEL, BLUR_SIGMA, images.dtype)
+    kernel = torch.mm(weights[:, None], weights[None, :])  # (k, k)
+    channels = images.shape[-3]
+    kernel = kernel.expand(channels, 1, BLUR_KERNEL, BLUR_KERNEL)
+    pad = BLUR_KERNEL // 2
+    padded = F.pad(images, [pad, pad, pad, pad], mode="reflect")
+    return F.conv2d(padded, kernel, groups=channels)
 
 
 def make_views(crops: torch.Tensor, image_engineering: bool = True) -> torch.Tensor:

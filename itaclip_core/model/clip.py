@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from itaclip_core.model.kernels import attention
+from itaclip_core.model.kernels import attention, masked_attention
 
 # OpenAI's image normalisation constants (RGB, [0, 1] scale); the default of every CLIPConfig.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -404,7 +404,7 @@ class CLIP(nn.Module):
         # The rows' real own tokens are kept packed, (N, width), for the per-token layers.
         own = torch.arange(suffix, device=device) < lengths[:, None]  # (B, suffix)
         layout = torch.arange(batch * span, device=device).view(batch, span)[:, prefix:]
-        packed, padding = layout[own], layout[~own]  # flat (B * span) indices of real and padding positions
+        packed = layout[own]  # flat (B * span) indices of the real positions
         y = self.token_embedding(tokens[:, prefix:span]).to(self.dtype) + positions[prefix:span]
         y = y[own]  # (N, width)
         # Own position j sees every prefix position and own positions 0..j; padding is never seen.
@@ -412,18 +412,18 @@ class CLIP(nn.Module):
         last = len(self.transformer.resblocks) - 1
         for index, (block, prefix_rows) in enumerate(zip(self.transformer.resblocks, prefix_qkv)):
             projected = block.in_projection(y)  # (N, 3 width)
-            grid = projected.new_empty(batch * span, projected.shape[1])
+            grid = projected.new_zeros(batch * span, projected.shape[1])  # padding rows stay zero
             grid.view(batch, span, -1)[:, :prefix] = prefix_rows
-            grid.index_copy_(0, packed, projected).index_fill_(0, padding, 0.0)
+            grid.index_copy_(0, packed, projected)
             q, k, v = block.split_heads(grid.view(batch, span, -1))
             if index == last:
                 # Only the end-of-text positions are read: their queries, output projection and MLP.
                 q = q[torch.arange(batch, device=device), :, prefix + lengths - 1].unsqueeze(2)  # (B, H, 1, hd)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[lengths - 1][:, None, None])
+                out = masked_attention(q, k, v, mask[lengths - 1][:, None, None])
                 ends = torch.cumsum(lengths, 0) - 1  # packed index of each row's end-of-text token
                 y = block.attend(y.index_select(0, ends).unsqueeze(1), out).squeeze(1)  # (B, width)
             else:
-                out = F.scaled_dot_product_attention(q[:, :, prefix:], k, v, attn_mask=mask)  # (B, H, suffix, hd)
+                out = masked_attention(q[:, :, prefix:], k, v, mask)  # (B, H, suffix, hd)
                 y = y + block.ls_1(block.attn.out_proj(out.transpose(1, 2)[own].flatten(1)))  # (N, width)
                 y = y + block.feed_forward(y)
         y = self.ln_final(y)

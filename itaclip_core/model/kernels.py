@@ -29,17 +29,36 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return out.view(batch, heads, tokens, -1)
 
 
+def _low_precision_cpu(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and k.shape[-2] <= _MAX_TOKENS
+        and not torch.is_grad_enabled()
+    )
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) where `mask`, else -inf) v: (B, H, N, d) queries, (B, H, M, d) keys and values, a
+    boolean mask broadcastable to (B, H, N, M) with at least one True per query row.
+
+    Equal to `F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`: the same call for float32 and off the CPU;
+    for bfloat16 and float16 on the CPU (the text tower's short, masked rows) one batched product with the mask
+    as an additive bias, which there is several times faster than the fused kernel.
+    """
+    if not _low_precision_cpu(q, k):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).add_(bias)
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for (B, H, N, d) queries, keys and values without a mask (scale: d ** -0.5).
 
     Equal to `F.scaled_dot_product_attention(q, k, v, scale=scale)`: the same call for float32 and off the CPU;
     the grouped path above for bfloat16 and float16 on the CPU at CLIP's lengths (within the rounding of the dtype).
     """
-    if (
-        q.device.type == "cpu"
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and k.shape[-2] <= _MAX_TOKENS
-        and not torch.is_grad_enabled()
-    ):
+    if _low_precision_cpu(q, k):
         return _grouped_attention(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
