@@ -202,3 +202,23 @@ def test_views_are_torchvisions_grayscale_and_blur():
     crops = torch.randn(4, 3, 40, 52, generator=torch.Generator().manual_seed(2))
     assert torch.equal(grayscale(crops), tf.rgb_to_grayscale(crops, num_output_channels=3))
     assert torch.equal(gaussian_blur(crops), tf.gaussian_blur(crops, kernel_size=[11, 11], sigma=[5.0, 5.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_layer_norm_rounds_the_float32_result(dtype):
+    from itaclip_core.model.clip import LayerNorm
+
+    torch.manual_seed(0)
+    norm = LayerNorm(96)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.1)
+    x = (3 * torch.randn(400, 96)).to(dtype)
+    exact = F.layer_norm(x.float(), (96,), norm.weight, norm.bias, norm.eps)
+    with torch.no_grad():
+        ours = norm(x)
+    assert ours.dtype == dtype
+    rounded = exact.to(dtype).float()
+    # the float32 result rounded to the dtype, but for an occasional neighbour at a rounding tie
+    ulp = torch.finfo(dtype).eps * exact.abs().clamp(min=1.0)
+    assert ((ours.float() - rounded).abs() <= ulp).all()
+    assert (ours.float() != rounded).float().mean().item() < 1e-3

@@ -71,11 +71,16 @@ class CLIPConfig:
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype, as OpenAI's CLIP does for fp16."""
+    """LayerNorm computed in float32 whatever the input dtype, as OpenAI's CLIP does for fp16.
+
+    On the CPU a bfloat16/float16 input goes straight into PyTorch's mixed-precision kernel (float32 statistics and
+    weights, the result rounded once to the input's dtype): the same arithmetic without two full-size casts."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_grad_enabled():
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
