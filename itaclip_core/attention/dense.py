@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from itaclip_core.attention.variants import AttentionContext, AttentionVariant, get_attention
 from itaclip_core.model.clip import VisionTransformer
