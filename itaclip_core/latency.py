@@ -75,17 +75,16 @@ def gemm_rate(dtype: Any, size: int = 4096, repeats: int = 3, device: str = "cpu
 
 def _one_image(segmentor: Any, path: Path, out: Path, stem: str) -> Any:
     """What `itaclip segment` does for one image: decode, predict, write its files."""
-    from itaclip_core.cli.segment import write_outputs
+    from itaclip_core.cli.segment import output_colours, write_outputs
     from itaclip_core.inference.preprocess import read_image_bgr
     from itaclip_core.timing import step
-    from itaclip_core.vis import palette
 
     with step("decode and resize"):
         rgb = read_image_bgr(path)[:, :, ::-1].copy()
         prepared = segmentor.prepare(rgb, name=path.name)
     prediction = segmentor.predict_prepared(prepared)
-    colours = palette(segmentor.num_classes) if segmentor.config.background else palette(segmentor.num_classes + 1)[1:]
-    write_outputs(prediction, rgb, out, stem, str(path), colours, segmentor.config.name, segmentor.weights_id)
+    write_outputs(prediction, rgb, out, stem, str(path), output_colours(segmentor), segmentor.config.name,
+                  segmentor.weights_id)
     return prediction
 
 

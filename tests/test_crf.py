@@ -230,14 +230,21 @@ def test_exact_block_path_equals_the_cached_matrix(monkeypatch):
     assert np.abs(blocked - cached).max() < 1e-6
 
 
-def test_blockwise_lattice_mean_field_equals_the_plain_one():
+def _lattice_problem(seed: int):
+    """A Gaussian and a bilateral lattice kernel on a 24 x 40 natural-like image, and the unary of 4 classes."""
     from itaclip_core.refinement import crf
 
-    rng = np.random.default_rng(12)
-    probs, image = _natural_like(rng, 24, 40, 4)
+    probs, image = _natural_like(np.random.default_rng(seed), 24, 40, 4)
     kernels = [(3.0, crf.PermutohedralKernel(crf.gaussian_features(24, 40, 3.0))),
                (10.0, crf.PermutohedralKernel(crf.bilateral_features(torch.from_numpy(image), 80.0, 13.0)))]
     unary = -torch.log(torch.from_numpy(probs).clamp(1e-5, 1)).reshape(4, -1).T.contiguous()
+    return kernels, unary
+
+
+def test_blockwise_lattice_mean_field_equals_the_plain_one():
+    from itaclip_core.refinement import crf
+
+    kernels, unary = _lattice_problem(12)
     plain = crf.mean_field(unary, kernels, 5)
     combined = crf.CombinedLatticeMessages(kernels)
     blocked = crf.lattice_mean_field(unary, combined, 5, chunk_pixels=7)  # blocks end mid-row
@@ -248,11 +255,7 @@ def test_blockwise_lattice_mean_field_equals_the_plain_one():
 def test_block_splat_equals_the_plain_lattice(monkeypatch):
     from itaclip_core.refinement import crf
 
-    rng = np.random.default_rng(13)
-    probs, image = _natural_like(rng, 24, 40, 4)
-    kernels = [(3.0, crf.PermutohedralKernel(crf.gaussian_features(24, 40, 3.0))),
-               (10.0, crf.PermutohedralKernel(crf.bilateral_features(torch.from_numpy(image), 80.0, 13.0)))]
-    unary = -torch.log(torch.from_numpy(probs).clamp(1e-5, 1)).reshape(4, -1).T.contiguous()
+    kernels, unary = _lattice_problem(13)
     plain = crf.mean_field(unary, kernels, 5)
     monkeypatch.setattr(crf, "SPLAT_BLOCK_PIXELS", 50)  # blocks end mid-row; every lattice point spans blocks
     combined = crf.CombinedLatticeMessages(kernels)

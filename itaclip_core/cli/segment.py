@@ -113,6 +113,15 @@ def areas_record(prediction: Any, image: str, preset: str, weights: str) -> dict
     }  # fmt: skip
 
 
+def output_colours(segmentor: Any) -> Any:
+    """The label colours of `segmentor`'s classes: black (the VOC colour of index 0) is kept for a background class;
+    other vocabularies start at a colour."""
+    from itaclip_core.vis import palette
+
+    count = segmentor.num_classes
+    return palette(count) if segmentor.config.background else palette(count + 1)[1:]
+
+
 @timed("write outputs")
 def write_outputs(prediction: Any, rgb: Any, out: Path, stem: str, source: str, colours: Any, preset: str,
                   weights: str, draw_masks: bool = False, save_npz: bool = False) -> None:
@@ -192,10 +201,7 @@ def _segment_all(segmentor: Any, images: list[Path], out: Path, args: argparse.N
     from itaclip_core.inference.preprocess import ImageReadError, read_image_bgr
     from itaclip_core.masks.maskset import MaskError
     from tqdm.auto import tqdm
-    from itaclip_core.vis import palette
-
-    # Black (the VOC colour of index 0) is kept for a background class; other vocabularies start at a colour.
-    colours = palette(segmentor.num_classes) if segmentor.config.background else palette(segmentor.num_classes + 1)[1:]
+    colours = output_colours(segmentor)
     failures: list[tuple[Path, str]] = []
     stems = dict(zip(images, _output_stems(images)))
     decoded: dict[str, tuple[Path, np.ndarray]] = {}  # by key, the images read and not yet written
