@@ -230,35 +230,45 @@ def test_exact_block_path_equals_the_cached_matrix(monkeypatch):
     assert np.abs(blocked - cached).max() < 1e-6
 
 
-def _lattice_problem(seed: int):
-    """A Gaussian and a bilateral lattice kernel on a 24 x 40 natural-like image, and the unary of 4 classes."""
+def _lattice_problem(seed: int, tile: tuple[int, int]):
+    """A 24 x 40 natural-like image and 4 classes: the Gaussian and bilateral lattice kernels on the pixels in
+    raster order and in the order of `tile`-sized tiles, and the tiles."""
     from itaclip_core.refinement import crf
 
     probs, image = _natural_like(np.random.default_rng(seed), 24, 40, 4)
-    kernels = [(3.0, crf.PermutohedralKernel(crf.gaussian_features(24, 40, 3.0))),
-               (10.0, crf.PermutohedralKernel(crf.bilateral_features(torch.from_numpy(image), 80.0, 13.0)))]
-    unary = -torch.log(torch.from_numpy(probs).clamp(1e-5, 1)).reshape(4, -1).T.contiguous()
-    return kernels, unary
+    tiles = crf.PixelTiles(24, 40, tile)
+    features = [(3.0, crf.gaussian_features(24, 40, 3.0)),
+                (10.0, crf.bilateral_features(torch.from_numpy(image), 80.0, 13.0))]
+    raster = [(weight, crf.PermutohedralKernel(f)) for weight, f in features]
+    tiled = [(weight, crf.PermutohedralKernel(f[tiles.order])) for weight, f in features]
+    return torch.from_numpy(probs), raster, tiled, tiles
 
 
-def test_blockwise_lattice_mean_field_equals_the_plain_one():
+@pytest.mark.parametrize("tile", [(5, 7), (24, 40), (64, 128)])
+def test_tiled_lattice_mean_field_equals_the_plain_one(tile):
+    """Tiles that end mid-row and mid-column (5 x 7: the last ones are 4 x 5), one tile, one tile larger than the
+    image: the same Q as the plain mean field over the kernels applied one by one."""
     from itaclip_core.refinement import crf
 
-    kernels, unary = _lattice_problem(12)
-    plain = crf.mean_field(unary, kernels, 5)
-    combined = crf.CombinedLatticeMessages(kernels)
-    blocked = crf.lattice_mean_field(unary, combined, 5, chunk_pixels=7)  # blocks end mid-row
-    assert (blocked - plain).abs().max() < 1e-5
-    assert (plain - torch.softmax(-unary, 1)).abs().max() > 1e-2
+    probs, raster, tiled, tiles = _lattice_problem(12, tile)
+    unary = -torch.log(probs.clamp(1e-5, 1)).reshape(4, -1).T.contiguous()
+    plain = crf.mean_field(unary, raster, 5).T.reshape(4, 24, 40)
+    messages = crf.CombinedLatticeMessages(tiled, tiles)
+    if tile == (5, 7):
+        assert len(tiles.spans) == 5 * 6 and tiles.spans[-1][1] - tiles.spans[-1][0] == 4 * 5
+        assert sum(splat[3].shape[0] for splat in messages.splats) > messages.rows  # rows shared between tiles
+    tiled_q = crf.lattice_mean_field(probs, messages, tiles, 5)
+    assert tiled_q.shape == (4, 24, 40) and tiled_q.is_contiguous()
+    assert (tiled_q - plain).abs().max() < 1e-5
+    assert (plain - probs.clamp(1e-5, 1) / probs.clamp(1e-5, 1).sum(0)).abs().max() > 1e-2
 
 
-def test_block_splat_equals_the_plain_lattice(monkeypatch):
-    from itaclip_core.refinement import crf
-
-    kernels, unary = _lattice_problem(13)
-    plain = crf.mean_field(unary, kernels, 5)
-    monkeypatch.setattr(crf, "SPLAT_BLOCK_PIXELS", 50)  # blocks end mid-row; every lattice point spans blocks
-    combined = crf.CombinedLatticeMessages(kernels)
-    assert combined.block_offsets.shape[0] > combined.rows  # the two-level splat is in use
-    blocked = crf.lattice_mean_field(unary, combined, 5, chunk_pixels=64)
-    assert (blocked - plain).abs().max() < 1e-5
+def test_tiled_kernels_are_the_raster_kernels_reordered():
+    """A kernel built on the pixels in tile order is the raster one with its rows permuted: same lattice points
+    (same rows), same weights."""
+    _, raster, tiled, tiles = _lattice_problem(13, (5, 7))
+    for (_, a), (_, b) in zip(raster, tiled):
+        assert a.num_points == b.num_points
+        assert torch.equal(a.slice_index[tiles.order], b.slice_index)
+        assert (a.slice_weight[tiles.order] - b.slice_weight).abs().max() < 1e-6
+        assert all(torch.equal(x, y) for pa, pb in zip(a.neighbours, b.neighbours) for x, y in zip(pa, pb))

@@ -44,10 +44,14 @@ UNARY_CLIP = 1e-5  # pydensecrf's unary_from_softmax clip
 EXACT_BLOCK_ELEMENTS = 1 << 22
 # Up to this many pixel pairs the exact kernels are kept as N x N matrices (64 MiB in float32).
 EXACT_CACHE_ELEMENTS = 1 << 24
-# The lattice mean field slices, adds the unary and normalises this many pixels at a time.
-LATTICE_CHUNK_PIXELS = 32768
-# The lattice splat first sums each lattice point's pixels within blocks of this many pixels.
-SPLAT_BLOCK_PIXELS = 32768
+# On the CPU the lattice mean field runs over tiles of this many (rows, columns) of pixels (on CUDA: one tile).
+LATTICE_TILE = (64, 128)
+# A lattice kernel applied on its own splats blocks of about this many (pixel, vertex, channel) values at a time.
+SPLAT_BLOCK_ELEMENTS = 1 << 22
+# The lattice blur runs over blocks of this many lattice rows.
+BLUR_BLOCK_ROWS = 4096
+# A lattice is built for blocks of this many pixels at a time (small temporaries).
+LATTICE_BUILD_BLOCK = 32768
 
 
 class CRFSettingError(UserError, ValueError):
@@ -115,6 +119,51 @@ class ExactKernel:
         return self.norm * self._raw(self.norm * values)
 
 
+def _simplices(feats: torch.Tensor, rem0_out: torch.Tensor, rank_out: torch.Tensor,
+               weights_out: torch.Tensor) -> None:
+    """pydensecrf's `Permutohedral::init` for features (n, d): write each pixel's closest remainder-0 point (its
+    first d coordinates), the rank of each coordinate's residual and the d + 1 barycentric weights."""
+    count, dim = feats.shape
+    device = feats.device
+    # Elevation (pydensecrf: inv_std_dev = sqrt(2/3) (d + 1); scale_i = inv_std_dev / sqrt((i + 1)(i + 2))).
+    inv_std = math.sqrt(2.0 / 3.0) * (dim + 1)
+    scale = torch.tensor([inv_std / math.sqrt((i + 2) * (i + 1)) for i in range(dim)], dtype=torch.float32,
+                         device=device)
+    cf = feats * scale  # (n, d)
+    suffix = cf.flip(1).cumsum(1).flip(1)  # suffix[:, j] = sum_{i >= j} cf[:, i], summed from the last
+    elevated = torch.empty(count, dim + 1, dtype=torch.float32, device=device)
+    elevated[:, 0] = suffix[:, 0]
+    steps = torch.arange(1, dim + 1, dtype=torch.float32, device=device)
+    tail = torch.cat([suffix[:, 1:], torch.zeros(count, 1, device=device)], dim=1)  # sum_{i >= j} for j = 1..d
+    elevated[:, 1:] = tail - steps * cf
+    # Closest remainder-0 point: each coordinate rounded to a multiple of d + 1.
+    down_factor = torch.tensor(1.0 / (dim + 1), dtype=torch.float32)
+    v = elevated * down_factor
+    up = torch.ceil(v) * (dim + 1)
+    down = torch.floor(v) * (dim + 1)
+    rem0 = torch.where(up - elevated < elevated - down, up, down)
+    total = torch.round(rem0.sum(dim=1) / (dim + 1)).long()  # (n,) how far off the plane the rounding went
+    # Rank of each coordinate's residual: its place in a stable descending sort (pydensecrf's pairwise count, in
+    # which of two equal residuals the later coordinate ranks higher).
+    by_residual = torch.sort(elevated - rem0, dim=1, descending=True, stable=True).indices
+    places = torch.arange(dim + 1, device=device).expand(count, dim + 1)
+    rank = torch.empty_like(by_residual).scatter_(1, by_residual, places)
+    rank += total[:, None]
+    low = rank < 0
+    high = rank > dim
+    rank = torch.where(low, rank + dim + 1, torch.where(high, rank - dim - 1, rank))
+    rem0 = torch.where(low, rem0 + dim + 1, torch.where(high, rem0 - dim - 1, rem0))
+    # Barycentric weights.
+    vals = (elevated - rem0) * down_factor  # (n, d + 1)
+    bary = torch.zeros(count, dim + 2, dtype=torch.float32, device=device)
+    bary.scatter_add_(1, dim - rank, vals)
+    bary.scatter_add_(1, dim - rank + 1, -vals)
+    bary[:, 0] += 1.0 + bary[:, dim + 1]
+    weights_out.copy_(bary[:, : dim + 1])
+    rem0_out.copy_(rem0[:, :dim])
+    rank_out.copy_(rank)
+
+
 class PermutohedralKernel:
     """The symmetric-normalised Gaussian kernel on features (N, d), approximated on a permutohedral lattice.
 
@@ -123,6 +172,11 @@ class PermutohedralKernel:
     closest remainder-0 lattice point, and each pixel is splatted onto the d + 1 vertices of its simplex with its
     barycentric weights. Filtering is splat, a blur v + (v_prev + v_next) / 2 along each lattice direction in order
     0..d (missing neighbours count as 0), and slice, times pydensecrf's constant 1 / (1 + 2^-d).
+
+    Attributes used by the mean field: `slice_index` (N, d + 1), the lattice rows 1..M of each pixel's vertices (row
+    0 is a zero row that missing neighbours point at); `slice_weight` (N, d + 1), the barycentric weights times the
+    symmetric normalisation n = (K 1)^-1/2 of the pixel, so that K~ v = alpha * slice(blur(splat(v))) with the same
+    weights for splat and slice; `neighbours`, per direction the rows of the two neighbours of rows 0..M.
     """
 
     def __init__(self, features: torch.Tensor) -> None:
@@ -130,73 +184,52 @@ class PermutohedralKernel:
         count, dim = feats.shape
         device = feats.device
         self.dim = dim
-        # Elevation (pydensecrf: inv_std_dev = sqrt(2/3) (d + 1); scale_i = inv_std_dev / sqrt((i + 1)(i + 2))).
-        inv_std = math.sqrt(2.0 / 3.0) * (dim + 1)
-        scale = torch.tensor(
-            [inv_std / math.sqrt((i + 2) * (i + 1)) for i in range(dim)], dtype=torch.float32, device=device
-        )
-        cf = feats * scale  # (N, d)
-        suffix = cf.flip(1).cumsum(1).flip(1)  # suffix[:, j] = sum_{i >= j} cf[:, i], summed from the last
-        elevated = torch.empty(count, dim + 1, dtype=torch.float32, device=device)
-        elevated[:, 0] = suffix[:, 0]
-        steps = torch.arange(1, dim + 1, dtype=torch.float32, device=device)
-        tail = torch.cat([suffix[:, 1:], torch.zeros(count, 1, device=device)], dim=1)  # sum_{i >= j} for j = 1..d
-        elevated[:, 1:] = tail - steps * cf
-        # Closest remainder-0 point: each coordinate rounded to a multiple of d + 1.
-        down_factor = torch.tensor(1.0 / (dim + 1), dtype=torch.float32)
-        v = elevated * down_factor
-        up = torch.ceil(v) * (dim + 1)
-        down = torch.floor(v) * (dim + 1)
-        rem0 = torch.where(up - elevated < elevated - down, up, down)
-        total = torch.round(rem0.sum(dim=1) / (dim + 1)).long()  # (N,) how far off the plane the rounding went
-        # Rank of each coordinate's residual (ties: the later coordinate ranks higher, as in pydensecrf).
-        resid = elevated - rem0
-        later = torch.triu(torch.ones(dim + 1, dim + 1, dtype=torch.bool, device=device), diagonal=1)  # j > i
-        greater = resid[:, None, :] > resid[:, :, None]  # [n, i, j]: resid_j > resid_i
-        greater_eq = resid[:, None, :] >= resid[:, :, None]
-        rank = (greater & later).sum(dim=2) + (greater_eq & ~later & ~torch.eye(dim + 1, dtype=torch.bool,
-                                                                                 device=device)).sum(dim=2)
-        rank = rank + total[:, None]
-        rem0 = rem0.long()
-        low = rank < 0
-        high = rank > dim
-        rank = torch.where(low, rank + dim + 1, torch.where(high, rank - dim - 1, rank))
-        rem0 = torch.where(low, rem0 + dim + 1, torch.where(high, rem0 - dim - 1, rem0))
-        # Barycentric weights.
-        vals = (elevated - rem0.float()) * down_factor  # (N, d + 1)
-        bary = torch.zeros(count, dim + 2, dtype=torch.float32, device=device)
-        bary.scatter_add_(1, dim - rank, vals)
-        bary.scatter_add_(1, dim - rank + 1, -vals)
-        bary[:, 0] += 1.0 + bary[:, dim + 1]
-        weights = bary[:, : dim + 1]  # (N, d + 1), one per remainder
-        # The d + 1 vertices: key_i = rem0_i + canonical[r][rank_i], canonical[r][j] = r if j <= d - r else r - d - 1,
-        # i.e. rem0_i + r - (d + 1) [rank_i > d - r].
-        remainders = torch.arange(dim + 1, device=device)
-        keys = (rem0[:, None, :dim] + remainders[None, :, None]
-                - (dim + 1) * (rank[:, None, :dim] > dim - remainders[None, :, None]))  # (N, d + 1, d)
-        keys = keys.reshape(-1, dim)
-        # Hash the keys: a mixed-radix code of the coordinates (with room for the +-d neighbour steps).
-        lowest = keys.min(dim=0).values - (dim + 1)
-        spans = keys.max(dim=0).values - lowest + dim + 2
+        self.count = count
+        # Per pixel, a block at a time (small temporaries): the closest remainder-0 point rem0 (first d
+        # coordinates), the rank of each coordinate's residual and the barycentric weights.
+        rem0 = torch.empty(count, dim, dtype=torch.int32, device=device)
+        rank = torch.empty(count, dim + 1, dtype=torch.uint8, device=device)
+        weights = torch.empty(count, dim + 1, dtype=torch.float32, device=device)
+        for start in range(0, count, LATTICE_BUILD_BLOCK):
+            stop = min(start + LATTICE_BUILD_BLOCK, count)
+            _simplices(feats[start:stop], rem0[start:stop], rank[start:stop], weights[start:stop])
+        # Codes of the lattice points: the key (first d coordinates) in mixed radix, coordinate 0 most
+        # significant, so code order is the lexicographic order of the keys; each digit has room for the vertices
+        # (rem0 +- d) and their blur neighbours (+- d + 1 more).
+        lowest = rem0.amin(dim=0).long() - 2 * dim - 1
+        spans = rem0.amax(dim=0).long() + dim - lowest + dim + 2
         radix = torch.ones(dim, dtype=torch.long, device=device)
         product = 1
-        for i in range(dim - 1, -1, -1):
+        for i, span in reversed(list(enumerate(spans.tolist()))):
             radix[i] = product
-            product *= int(spans[i])
+            product *= int(span)
         if product >= 2**62:
             raise CRFSettingError(
                 "the lattice is too large to index (feature range over scale too wide): increase the kernel's sxy or "
                 "srgb, or use backend='pydensecrf2'"
             )
-        codes = ((keys - lowest) * radix).sum(dim=1)
-        # One stable sort gives the lattice points (in code order), each entry's point and the splat order.
-        sorted_codes, order = torch.sort(codes, stable=True)
-        unique, sorted_point, per_point = torch.unique_consecutive(sorted_codes, return_inverse=True,
-                                                                   return_counts=True)
+        # A pixel's simplex is (rem0, rank): many pixels share one, so the vertices are found per simplex.
+        base = ((rem0.long() - lowest) * radix).sum(dim=1)  # (N,) code of vertex 0 (= rem0)
+        perms = (dim + 1) ** (dim + 1)  # rank permutations coded in base d + 1
+        rank_code = (rank.long() * ((dim + 1) ** torch.arange(dim + 1, device=device))).sum(dim=1)
+        if product * perms < 2**62:
+            simplex_key, simplex_of = torch.unique(base * perms + rank_code, return_inverse=True)
+            simplex_base = torch.div(simplex_key, perms, rounding_mode="floor")
+        else:  # codes too wide to pack with the rank: number the vertex-0 codes first
+            bases, base_of = torch.unique(base, return_inverse=True)
+            simplex_key, simplex_of = torch.unique(base_of * perms + rank_code, return_inverse=True)
+            simplex_base = bases[torch.div(simplex_key, perms, rounding_mode="floor")]
+        simplex_rank = torch.div(simplex_key[:, None] % perms, (dim + 1) ** torch.arange(dim + 1, device=device),
+                                 rounding_mode="floor") % (dim + 1)  # (U, d + 1)
+        # Vertex r of a simplex is key_r = rem0 + r - (d + 1) [rank > d - r]: its code is
+        # code(rem0) + r sum(radix) - (d + 1) (sum of the radices of the r highest-ranked coordinates).
+        by_rank = torch.zeros(simplex_key.shape[0], dim + 1, dtype=torch.long, device=device)
+        by_rank.scatter_(1, simplex_rank, torch.cat([radix, radix.new_zeros(1)]).expand_as(by_rank))
+        top = by_rank.flip(1).cumsum(1)  # top[:, t]: sum of the radices of the t + 1 highest ranks
+        top = torch.cat([top.new_zeros(top.shape[0], 1), top[:, :dim]], dim=1)
+        codes = simplex_base[:, None] + torch.arange(dim + 1, device=device) * radix.sum() - (dim + 1) * top
+        unique, vertex = torch.unique(codes.reshape(-1), sorted=True, return_inverse=True)
         points = unique.shape[0]
-        inverse = torch.empty_like(sorted_point)
-        inverse[order] = sorted_point
-        first = torch.cumsum(per_point, 0) - per_point  # first sorted entry of each point
         self.num_points = points
         # Neighbours along each direction j (0 = missing; lattice values live in rows 1..M). The neighbour
         # key_j^- = key - 1 + (d + 1) e_j (key - 1 for j = d) and key_j^+ = key + 1 - (d + 1) e_j have the codes
@@ -207,24 +240,20 @@ class PermutohedralKernel:
         pos = torch.searchsorted(unique, wanted.reshape(-1)).clamp(max=points - 1).reshape(wanted.shape)
         found = torch.where(unique[pos] == wanted, pos + 1, torch.zeros_like(pos))
         found = torch.cat([torch.zeros(1, 2 * (dim + 1), dtype=torch.long, device=device), found])  # row 0
-        neighbours = [(found[:, j].contiguous(), found[:, dim + 1 + j].contiguous()) for j in range(dim + 1)]
-        self.neighbours = neighbours
-        # Splat and slice as weighted bags of rows (`embedding_bag`): slicing sums d + 1 lattice rows per pixel,
-        # splatting sums the pixel rows of each lattice point (pixels sorted by lattice point, CSR-like offsets).
-        self.count = count
-        self.slice_index = (inverse.reshape(count, dim + 1) + 1).contiguous()  # (N, d + 1) rows of the lattice
-        self.slice_weight = weights.contiguous()  # (N, d + 1)
-        self.splat_index = torch.div(order, dim + 1, rounding_mode="floor")  # pixel of each sorted entry
-        self.splat_weight = weights.reshape(-1)[order].contiguous()
-        starts = torch.cat([torch.zeros(1, dtype=torch.long, device=device), first])
-        self.splat_offsets = starts  # bag m (lattice row m) = entries starts[m] : starts[m + 1]; row 0 is empty
+        self.neighbours = [(found[:, j].contiguous(), found[:, dim + 1 + j].contiguous()) for j in range(dim + 1)]
+        self.slice_index = (vertex.reshape(-1, dim + 1) + 1)[simplex_of]  # (N, d + 1)
         self.alpha = 1.0 / (1.0 + 2.0 ** (-dim))
-        ones = torch.ones(count, 1, dtype=torch.float32, device=device)
-        norm = 1.0 / torch.sqrt(self._raw(ones) + 1e-20)  # (N, 1)
-        # Fold the symmetric normalisation into the weights: K~ v = n * slice(blur(splat(n * v))).
-        self.splat_weight = self.splat_weight * norm[self.splat_index, 0]
-        self.slice_weight = self.slice_weight * norm
-        self.norm = norm
+        # Symmetric normalisation n = (K 1)^-1/2, folded into the weights: K~ v = n * slice(blur(splat(n * v))).
+        ones = torch.zeros(points + 1, dtype=torch.float32, device=device)
+        ones.index_add_(0, self.slice_index.reshape(-1), weights.reshape(-1))
+        degree = (self._blur(ones[:, None])[self.slice_index, 0] * weights).sum(dim=1, keepdim=True) * self.alpha
+        self.norm = 1.0 / torch.sqrt(degree + 1e-20)  # (N, 1)
+        self.slice_weight = weights.mul_(self.norm)
+
+    def _blur(self, lattice: torch.Tensor) -> torch.Tensor:
+        for n1, n2 in self.neighbours:
+            lattice = lattice + 0.5 * (lattice[n1] + lattice[n2])
+        return lattice
 
     def blur_bags(self, direction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Blur along `direction` as bags of lattice rows: (index, count per row, weight) for rows 0..M, where
@@ -237,134 +266,159 @@ class PermutohedralKernel:
         keep = index > 0
         return index[keep], keep.sum(dim=1), weight[keep]
 
-    def _raw(self, values: torch.Tensor) -> torch.Tensor:
-        """The lattice's approximation of K @ values for values (N, C) (with the current splat/slice weights)."""
-        lattice = F.embedding_bag(
-            self.splat_index, values, self.splat_offsets, mode="sum", per_sample_weights=self.splat_weight
-        )  # (M + 1, C); row 0 (missing neighbours) is an empty bag, i.e. 0
-        for n1, n2 in self.neighbours:
-            lattice = lattice + 0.5 * (lattice[n1] + lattice[n2])
-        return F.embedding_bag(self.slice_index, lattice * self.alpha, mode="sum",
-                               per_sample_weights=self.slice_weight)
-
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
         """K~ @ values for values (N, C)."""
-        return self._raw(values)
+        table = values.new_zeros(self.num_points + 1, values.shape[1])
+        block = max(1, SPLAT_BLOCK_ELEMENTS // max(1, (self.dim + 1) * values.shape[1]))
+        for start in range(0, self.count, block):  # splat, a block of pixels at a time (bounded memory)
+            stop = min(start + block, self.count)
+            weighted = values[start:stop, None, :] * self.slice_weight[start:stop, :, None]  # (b, d + 1, C)
+            table.index_add_(0, self.slice_index[start:stop].reshape(-1), weighted.reshape(-1, values.shape[1]))
+        table = self._blur(table)
+        return F.embedding_bag(self.slice_index, table * self.alpha, mode="sum",
+                               per_sample_weights=self.slice_weight)
+
+
+class PixelTiles:
+    """The pixels of an H x W image in tile order: tiles of `tile` = (rows, columns) in raster order, the pixels of
+    each tile in raster order. The lattice mean field runs a tile at a time: a tile's pixels touch few lattice
+    points, so the rows it reads and writes stay in the cache.
+
+    Attributes: `order` (N,), the raster index of the pixel at each position; `spans`, per tile (start, stop, y0,
+    y1, x0, x1): its positions start:stop and its rows and columns in the image.
+    """
+
+    def __init__(self, height: int, width: int, tile: tuple[int, int], device: torch.device | str = "cpu") -> None:
+        tile_h, tile_w = max(1, min(tile[0], height)), max(1, min(tile[1], width))
+        self.height, self.width = height, width
+        self.spans: list[tuple[int, int, int, int, int, int]] = []
+        pieces = []
+        start = 0
+        for y0 in range(0, height, tile_h):
+            y1 = min(y0 + tile_h, height)
+            for x0 in range(0, width, tile_w):
+                x1 = min(x0 + tile_w, width)
+                stop = start + (y1 - y0) * (x1 - x0)
+                self.spans.append((start, stop, y0, y1, x0, x1))
+                pieces.append((torch.arange(y0, y1)[:, None] * width + torch.arange(x0, x1)[None, :]).reshape(-1))
+                start = stop
+        self.order = torch.cat(pieces).to(device)
+        self.count = height * width
 
 
 class CombinedLatticeMessages:
-    """sum_m w_m K~_m v for several permutohedral kernels, with one splat, one blur pass per lattice direction and
-    one slice over all their lattices together.
+    """sum_m w_m K~_m v for several permutohedral kernels built on the pixels in `tiles` order.
 
-    The lattices' rows are stacked into one table: one `embedding_bag` splats v onto all of them; blur step j is one
-    `embedding_bag` over the whole table whose bag for a row is the row itself (weight 1) and its two neighbours
-    along direction j of its own lattice (weight 1/2 each, missing ones left out); a kernel with fewer directions
-    than j keeps its rows (a bag of the row alone). The slice sums (d_1 + 1) + (d_2 + 1) + ... table rows per pixel,
-    with the Potts weights and pydensecrf's constants folded into the slice weights. Same result as applying the
-    kernels one by one (up to float summation order), with a handful of large operations per iteration.
+    The lattices' rows are stacked into one table (each lattice keeps its own zero row). Per tile, the slice is one
+    `embedding_bag` that sums (d_1 + 1) + (d_2 + 1) + ... table rows per pixel, with the Potts weights and
+    pydensecrf's constants folded into its weights, plus the pixel's own -unary row (weight 1), so that it gives
+    the pixel's energy; the splat of the tile's Q is one `embedding_bag` with a bag per table row that the tile
+    touches (its pixels in order), added into the next table with `index_add_`. The blur is one `embedding_bag` per
+    lattice direction whose bag for a row is the row (weight 1) and its two neighbours along that direction
+    (weight 1/2 each, missing ones left out). Same result as applying the kernels one by one (up to float summation
+    order).
     """
 
-    def __init__(self, kernels: list[tuple[float, PermutohedralKernel]]) -> None:
-        splat_index, splat_weight, offsets, slice_index, slice_weight = [], [], [], [], []
-        row = 0
-        entries = 0
-        starts = []
-        for weight, kernel in kernels:
-            starts.append(row)
-            splat_index.append(kernel.splat_index)
-            splat_weight.append(kernel.splat_weight)
-            offsets.append(kernel.splat_offsets + entries)
-            slice_index.append(kernel.slice_index + row)
-            slice_weight.append(kernel.slice_weight * (weight * kernel.alpha))
-            row += kernel.num_points + 1
-            entries += kernel.splat_index.shape[0]
-        self.rows = row
-        self.splat_index = torch.cat(splat_index)
-        self.splat_weight = torch.cat(splat_weight)
-        self.splat_offsets = torch.cat(offsets)
-        self.slice_index = torch.cat(slice_index, dim=1).contiguous()
-        self.slice_weight = torch.cat(slice_weight, dim=1).contiguous()
-        # Two-level splat: first one bag per (block of SPLAT_BLOCK_PIXELS pixels, table row), so each bag reads
-        # rows of Q that lie close together (a bilateral lattice point's pixels are spread over the image), then
-        # one bag per table row summing its blocks' partial sums.
-        total = self.splat_index.shape[0]
-        counts = torch.diff(self.splat_offsets, append=self.splat_offsets.new_tensor([total]))
-        entry_row = torch.repeat_interleave(torch.arange(self.rows, device=self.splat_index.device), counts)
-        block_key = torch.div(self.splat_index, SPLAT_BLOCK_PIXELS, rounding_mode="floor") * self.rows + entry_row
-        block_key, order = torch.sort(block_key, stable=True)
-        partial_key, per_partial = torch.unique_consecutive(block_key, return_counts=True)
-        self.block_index = self.splat_index[order]
-        self.block_weight = self.splat_weight[order]
-        self.block_offsets = torch.cumsum(per_partial, 0) - per_partial
-        partial_row, self.partial_index = torch.sort(partial_key % self.rows, stable=True)
-        self.partial_offsets = torch.searchsorted(partial_row, torch.arange(self.rows, device=partial_row.device))
-        # Each lattice's blur steps, as (index, offsets, weights) of one bag per row of that lattice.
+    def __init__(self, kernels: list[tuple[float, PermutohedralKernel]], tiles: PixelTiles) -> None:
+        count = tiles.count
+        device = kernels[0][1].slice_index.device
+        index, splat_weight, slice_weight = [], [], []
         self.parts = []
-        for start, (_, kernel) in zip(starts, kernels):
+        row = 0
+        for weight, kernel in kernels:
+            if kernel.count != count:
+                raise ValueError(f"a kernel has {kernel.count} pixels but the tiles have {count}")
+            index.append(kernel.slice_index + row)
+            splat_weight.append(kernel.slice_weight)
+            slice_weight.append(kernel.slice_weight * (weight * kernel.alpha))
             steps = []
-            for direction in range(kernel.dim + 1):
-                index, counts, weights = kernel.blur_bags(direction)
-                steps.append((index, torch.cumsum(counts, 0) - counts, weights))
-            self.parts.append((start, kernel.num_points + 1, steps))
+            for direction in range(kernel.dim + 1):  # each direction's bags in blocks of rows
+                bag, per_row, bag_weight = kernel.blur_bags(direction)
+                ends = torch.cumsum(per_row, 0).tolist()
+                blocks = []
+                for r0 in range(0, kernel.num_points + 1, BLUR_BLOCK_ROWS):
+                    r1 = min(r0 + BLUR_BLOCK_ROWS, kernel.num_points + 1)
+                    e0 = ends[r0 - 1] if r0 else 0
+                    offsets = torch.cumsum(per_row[r0:r1], 0) - per_row[r0:r1]
+                    blocks.append((r0, r1, bag[e0 : ends[r1 - 1]], offsets, bag_weight[e0 : ends[r1 - 1]]))
+                steps.append(blocks)
+            self.parts.append((row, kernel.num_points + 1, steps))
+            row += kernel.num_points + 1
+        self.rows = row
+        index = torch.cat(index, dim=1)  # (N, D) table rows of each position's vertices
+        # Indices in int32 where they fit (embedding_bag takes either; half the memory).
+        small = torch.int32 if row + count < 2**31 else torch.long
+        own = torch.arange(row, row + count, device=device, dtype=small)[:, None]  # each position's -unary row
+        self.slice_index = torch.cat([index.to(small), own], dim=1)
+        self.slice_weight = torch.cat(slice_weight + [torch.ones(count, 1, device=device)], dim=1)
+        # Splat bags per tile: the tile's entries (position, vertex) sorted by table row, positions in order
+        # within a bag.
+        splat_weight = torch.cat(splat_weight, dim=1)
+        vertices = index.shape[1]
+        self.splats = []  # per tile: (positions within the tile, weights, bag offsets, table rows of the bags)
+        for start, stop, *_ in tiles.spans:
+            rows_in_tile, entry = torch.sort(self.slice_index[start:stop, :vertices].reshape(-1), stable=True)
+            bag_rows, per_bag = torch.unique_consecutive(rows_in_tile, return_counts=True)
+            offsets = (torch.cumsum(per_bag, 0) - per_bag).to(small)
+            positions = torch.div(entry, vertices, rounding_mode="floor").to(small)
+            self.splats.append((positions, splat_weight[start:stop].reshape(-1)[entry], offsets, bag_rows.long()))
 
-    def lattice_into(self, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Splat and blur values (N, C) into out[:rows] (rows = sum of M_m + 1), and return that view."""
-        partial = F.embedding_bag(self.block_index, values, self.block_offsets, mode="sum",
-                                  per_sample_weights=self.block_weight)
-        table = F.embedding_bag(self.partial_index, partial, self.partial_offsets, mode="sum")
+    def blur_into(self, table: torch.Tensor, out: torch.Tensor) -> None:
+        """Blur the splatted table (rows, C) along every lattice direction into out[:rows]; `table` is used as
+        working space. The directions go back and forth between the two arrays, a block of rows at a time (no
+        table-sized temporaries)."""
         for start, rows, steps in self.parts:
-            lattice = table[start : start + rows]
-            for index, offsets, weights in steps:
-                lattice = F.embedding_bag(index, lattice, offsets, mode="sum", per_sample_weights=weights)
-            out[start : start + rows] = lattice
-        return out[: self.rows]
-
-    def lattice(self, values: torch.Tensor) -> torch.Tensor:
-        """Splat and blur: the stacked lattice values (sum of M_m + 1, C)."""
-        out = torch.empty(self.rows, values.shape[1], dtype=values.dtype, device=values.device)
-        return self.lattice_into(values, out)
-
-    def slice(self, table: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """The summed messages of pixels start:stop from the lattice values."""
-        return F.embedding_bag(self.slice_index[start:stop], table, mode="sum",
-                               per_sample_weights=self.slice_weight[start:stop])
-
-    def __call__(self, values: torch.Tensor) -> torch.Tensor:
-        return self.slice(self.lattice(values))
+            source, target = table[start : start + rows], out[start : start + rows]
+            for blocks in steps:
+                for r0, r1, index, offsets, weights in blocks:
+                    target[r0:r1] = F.embedding_bag(index, source, offsets, mode="sum", per_sample_weights=weights)
+                source, target = target, source
+            if len(steps) % 2 == 0:  # the last direction wrote into `table`
+                out[start : start + rows] = table[start : start + rows]
 
 
-def lattice_mean_field(unary: torch.Tensor, messages: CombinedLatticeMessages, iterations: int,
-                       chunk_pixels: int = LATTICE_CHUNK_PIXELS) -> torch.Tensor:
-    """`mean_field` for lattice messages (same result up to float summation order).
+def lattice_mean_field(probs: torch.Tensor, messages: CombinedLatticeMessages, tiles: PixelTiles,
+                       iterations: int) -> torch.Tensor:
+    """`mean_field` for lattice messages, from class probabilities (K, H, W) to Q (K, H, W), a tile at a time.
 
-    The lattice table and -unary share one (rows + N, K) array, and each pixel's slice bag also
-    holds its own -unary row (weight 1), so one `embedding_bag` gives a block of pixels' energies; the softmax of
-    the block is written straight into Q. The splat and blur read the previous Q before any block of it is
-    overwritten.
+    One (rows + N, K) array holds the blurred lattice table and, below it, -unary of the pixels in tile order, so
+    one `embedding_bag` gives a tile's energies (`CombinedLatticeMessages`). Each pass over the tiles computes a
+    tile's energies from the current table, its Q (softmax) into a tile-sized buffer, and splats that Q into the
+    next table; the first pass also writes -unary = log(clip(P)) of the tile, and the last writes Q into the
+    output. Between passes the next table is blurred into the array. Same result as `mean_field` up to float
+    summation order.
     """
-    store = torch.empty(messages.rows + unary.shape[0], unary.shape[1], dtype=torch.float32, device=unary.device)
-    torch.neg(unary, out=store[messages.rows :])
-    return lattice_mean_field_in_store(store, messages, iterations, chunk_pixels)
-
-
-def lattice_mean_field_in_store(store: torch.Tensor, messages: CombinedLatticeMessages, iterations: int,
-                                chunk_pixels: int = LATTICE_CHUNK_PIXELS) -> torch.Tensor:
-    """`lattice_mean_field` on a (rows + N, K) array `store` whose last N rows hold -unary, rows =
-    `messages.rows` (the first rows are working space for the lattice values). Returns Q (N, K)."""
+    classes = probs.shape[0]
+    device = probs.device
     rows = messages.rows
-    count = store.shape[0] - rows
-    device = store.device
-    pixel_rows = torch.arange(rows, rows + count, device=device)[:, None]
-    index = torch.cat([messages.slice_index, pixel_rows], dim=1).contiguous()
-    weight = torch.cat([messages.slice_weight, torch.ones(count, 1, device=device)], dim=1).contiguous()
-    q = torch.softmax(store[rows:], dim=1)
-    for _ in range(iterations):
-        messages.lattice_into(q, store)
-        for start in range(0, count, chunk_pixels):
-            stop = min(start + chunk_pixels, count)
-            energy = F.embedding_bag(index[start:stop], store, mode="sum", per_sample_weights=weight[start:stop])
-            torch.softmax(energy, dim=1, out=q[start:stop])
-    return q
+    store = torch.empty(rows + tiles.count, classes, dtype=torch.float32, device=device)
+    table = torch.empty(rows, classes, dtype=torch.float32, device=device)
+    out = torch.empty(classes, tiles.height, tiles.width, dtype=torch.float32, device=device)
+    largest = max(stop - start for start, stop, *_ in tiles.spans)
+    q = torch.empty(largest, classes, dtype=torch.float32, device=device)
+    for step in range(iterations + 1):
+        last = step == iterations
+        if not last:
+            table.zero_()
+        for (start, stop, y0, y1, x0, x1), splat in zip(tiles.spans, messages.splats):
+            if step == 0:
+                energy = store[rows + start : rows + stop]
+                energy.view(y1 - y0, x1 - x0, classes).copy_(probs[:, y0:y1, x0:x1].permute(1, 2, 0))
+                energy.clamp_(UNARY_CLIP, 1.0).log_()
+            else:
+                energy = F.embedding_bag(messages.slice_index[start:stop], store, mode="sum",
+                                         per_sample_weights=messages.slice_weight[start:stop])
+            tile_q = q[: stop - start]
+            torch.softmax(energy, dim=1, out=tile_q)
+            if last:
+                out[:, y0:y1, x0:x1] = tile_q.view(y1 - y0, x1 - x0, classes).permute(2, 0, 1)
+            else:
+                positions, weights, offsets, table_rows = splat
+                table.index_add_(0, table_rows, F.embedding_bag(positions, tile_q, offsets, mode="sum",
+                                                                per_sample_weights=weights))
+        if not last:
+            messages.blur_into(table, store)
+    return out
 
 
 KERNELS: dict[str, Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
@@ -511,23 +565,26 @@ def dense_crf(
                            float(bilateral_compat))
         return out if as_numpy else torch.from_numpy(out).to(device)
     with torch.no_grad():
-        log_probs = torch.log_(tensor.float().clamp(UNARY_CLIP, 1.0)).reshape(classes, -1).T  # -unary, (N, K)
+        # The lattice runs on the pixels in tile order (`PixelTiles`); its kernels are built on features in that
+        # order, the exact ones on features in raster order.
+        lattice = backend == "lattice"
+        tiles = PixelTiles(height, width, LATTICE_TILE if device.type == "cpu" else (height, width), device)
+        order = tiles.order if lattice else None
         make = KERNELS[backend]
         kernels = []
         if gaussian_compat > 0 and iterations > 0:
             positions = gaussian_features(height, width, float(gaussian_sxy), device)
-            kernels.append((float(gaussian_compat), make(positions)))
+            kernels.append((float(gaussian_compat), make(positions if order is None else positions[order])))
         if bilateral_compat > 0 and iterations > 0:
-            kernels.append((float(bilateral_compat),
-                            make(bilateral_features(rgb, float(bilateral_sxy), float(bilateral_srgb)))))
-        if backend == "lattice" and kernels:
-            messages = CombinedLatticeMessages(kernels)
-            store = torch.empty(messages.rows + height * width, classes, dtype=torch.float32, device=device)
-            store[messages.rows :] = log_probs
-            q = lattice_mean_field_in_store(store, messages, int(iterations))
+            features = bilateral_features(rgb, float(bilateral_sxy), float(bilateral_srgb))
+            kernels.append((float(bilateral_compat), make(features if order is None else features[order])))
+        if lattice and kernels:
+            out = lattice_mean_field(tensor.float(), CombinedLatticeMessages(kernels, tiles), tiles,
+                                     int(iterations))
         else:
+            log_probs = torch.log_(tensor.float().clamp(UNARY_CLIP, 1.0)).reshape(classes, -1).T  # -unary, (N, K)
             q = mean_field(log_probs.neg().contiguous(), kernels, int(iterations))
-        out = torch.empty(classes, height * width, dtype=torch.float32, device=device)
-        out.copy_(q.T)  # one 2-D transposing copy (much faster than .contiguous() of the 3-D view)
-        out = out.reshape(classes, height, width)
+            out = torch.empty(classes, height * width, dtype=torch.float32, device=device)
+            out.copy_(q.T)  # one 2-D transposing copy (much faster than .contiguous() of the 3-D view)
+            out = out.reshape(classes, height, width)
     return out.cpu().numpy() if as_numpy else out
