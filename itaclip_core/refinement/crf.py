@@ -52,6 +52,9 @@ SPLAT_BLOCK_ELEMENTS = 1 << 22
 BLUR_BLOCK_ROWS = 4096
 # A lattice is built for blocks of this many pixels at a time (small temporaries).
 LATTICE_BUILD_BLOCK = 32768
+# Simplex keys pack the vertex-0 code and the rank permutation into one int64 below this bound (else the vertex-0
+# codes are numbered first).
+SIMPLEX_PACK_LIMIT = 2**62
 
 
 class CRFSettingError(UserError, ValueError):
@@ -212,7 +215,7 @@ class PermutohedralKernel:
         base = ((rem0.long() - lowest) * radix).sum(dim=1)  # (N,) code of vertex 0 (= rem0)
         perms = (dim + 1) ** (dim + 1)  # rank permutations coded in base d + 1
         rank_code = (rank.long() * ((dim + 1) ** torch.arange(dim + 1, device=device))).sum(dim=1)
-        if product * perms < 2**62:
+        if product * perms < SIMPLEX_PACK_LIMIT:
             simplex_key, simplex_of = torch.unique(base * perms + rank_code, return_inverse=True)
             simplex_base = torch.div(simplex_key, perms, rounding_mode="floor")
         else:  # codes too wide to pack with the rank: number the vertex-0 codes first
@@ -241,7 +244,8 @@ class PermutohedralKernel:
         found = torch.where(unique[pos] == wanted, pos + 1, torch.zeros_like(pos))
         found = torch.cat([torch.zeros(1, 2 * (dim + 1), dtype=torch.long, device=device), found])  # row 0
         self.neighbours = [(found[:, j].contiguous(), found[:, dim + 1 + j].contiguous()) for j in range(dim + 1)]
-        self.slice_index = (vertex.reshape(-1, dim + 1) + 1)[simplex_of]  # (N, d + 1)
+        rows_type = torch.int32 if points < 2**31 - 1 else torch.long
+        self.slice_index = (vertex.reshape(-1, dim + 1) + 1).to(rows_type)[simplex_of]  # (N, d + 1)
         self.alpha = 1.0 / (1.0 + 2.0 ** (-dim))
         # Symmetric normalisation n = (K 1)^-1/2, folded into the weights: K~ v = n * slice(blur(splat(n * v))).
         ones = torch.zeros(points + 1, dtype=torch.float32, device=device)
@@ -322,46 +326,51 @@ class CombinedLatticeMessages:
     def __init__(self, kernels: list[tuple[float, PermutohedralKernel]], tiles: PixelTiles) -> None:
         count = tiles.count
         device = kernels[0][1].slice_index.device
-        index, splat_weight, slice_weight = [], [], []
+        vertices = sum(kernel.dim + 1 for _, kernel in kernels)
+        rows = sum(kernel.num_points + 1 for _, kernel in kernels)
+        self.rows = rows
+        # Indices in int32 where they fit (embedding_bag takes either; half the memory).
+        small = torch.int32 if rows + count < 2**31 else torch.long
+        self.slice_index = torch.empty(count, vertices + 1, dtype=small, device=device)
+        self.slice_weight = torch.empty(count, vertices + 1, dtype=torch.float32, device=device)
+        splat_weight = torch.empty(count, vertices, dtype=torch.float32, device=device)
         self.parts = []
-        row = 0
+        row = column = 0
         for weight, kernel in kernels:
             if kernel.count != count:
                 raise ValueError(f"a kernel has {kernel.count} pixels but the tiles have {count}")
-            index.append(kernel.slice_index + row)
-            splat_weight.append(kernel.slice_weight)
-            slice_weight.append(kernel.slice_weight * (weight * kernel.alpha))
-            steps = []
-            for direction in range(kernel.dim + 1):  # each direction's bags in blocks of rows
-                bag, per_row, bag_weight = kernel.blur_bags(direction)
-                ends = torch.cumsum(per_row, 0).tolist()
-                blocks = []
-                for r0 in range(0, kernel.num_points + 1, BLUR_BLOCK_ROWS):
-                    r1 = min(r0 + BLUR_BLOCK_ROWS, kernel.num_points + 1)
-                    e0 = ends[r0 - 1] if r0 else 0
-                    offsets = torch.cumsum(per_row[r0:r1], 0) - per_row[r0:r1]
-                    blocks.append((r0, r1, bag[e0 : ends[r1 - 1]], offsets, bag_weight[e0 : ends[r1 - 1]]))
-                steps.append(blocks)
-            self.parts.append((row, kernel.num_points + 1, steps))
+            columns = slice(column, column + kernel.dim + 1)
+            torch.add(kernel.slice_index, row, out=self.slice_index[:, columns])
+            torch.mul(kernel.slice_weight, weight * kernel.alpha, out=self.slice_weight[:, columns])
+            splat_weight[:, columns] = kernel.slice_weight
+            self.parts.append((row, kernel.num_points + 1, [self._blur_blocks(kernel, d) for d in range(kernel.dim + 1)]))
             row += kernel.num_points + 1
-        self.rows = row
-        index = torch.cat(index, dim=1)  # (N, D) table rows of each position's vertices
-        # Indices in int32 where they fit (embedding_bag takes either; half the memory).
-        small = torch.int32 if row + count < 2**31 else torch.long
-        own = torch.arange(row, row + count, device=device, dtype=small)[:, None]  # each position's -unary row
-        self.slice_index = torch.cat([index.to(small), own], dim=1)
-        self.slice_weight = torch.cat(slice_weight + [torch.ones(count, 1, device=device)], dim=1)
+            column += kernel.dim + 1
+        torch.arange(rows, rows + count, out=self.slice_index[:, vertices])  # each position's -unary row
+        self.slice_weight[:, vertices] = 1.0
         # Splat bags per tile: the tile's entries (position, vertex) sorted by table row, positions in order
         # within a bag.
-        splat_weight = torch.cat(splat_weight, dim=1)
-        vertices = index.shape[1]
         self.splats = []  # per tile: (positions within the tile, weights, bag offsets, table rows of the bags)
         for start, stop, *_ in tiles.spans:
             rows_in_tile, entry = torch.sort(self.slice_index[start:stop, :vertices].reshape(-1), stable=True)
             bag_rows, per_bag = torch.unique_consecutive(rows_in_tile, return_counts=True)
             offsets = (torch.cumsum(per_bag, 0) - per_bag).to(small)
             positions = torch.div(entry, vertices, rounding_mode="floor").to(small)
-            self.splats.append((positions, splat_weight[start:stop].reshape(-1)[entry], offsets, bag_rows.long()))
+            self.splats.append((positions, splat_weight[start:stop].reshape(-1)[entry], offsets, bag_rows))
+
+    @staticmethod
+    def _blur_blocks(kernel: PermutohedralKernel, direction: int) -> list[tuple]:
+        """The blur bags of one direction in blocks of `BLUR_BLOCK_ROWS` rows: (first row, end row, index,
+        offsets, weights) per block."""
+        bag, per_row, bag_weight = kernel.blur_bags(direction)
+        starts = list(range(0, kernel.num_points + 1, BLUR_BLOCK_ROWS))
+        ends = starts[1:] + [kernel.num_points + 1]
+        entry_ends = torch.cumsum(per_row, 0)[torch.tensor(ends, device=per_row.device) - 1].tolist()
+        blocks = []
+        for r0, r1, e0, e1 in zip(starts, ends, [0] + entry_ends[:-1], entry_ends):
+            offsets = torch.cumsum(per_row[r0:r1], 0) - per_row[r0:r1]
+            blocks.append((r0, r1, bag[e0:e1], offsets, bag_weight[e0:e1]))
+        return blocks
 
     def blur_into(self, table: torch.Tensor, out: torch.Tensor) -> None:
         """Blur the splatted table (rows, C) along every lattice direction into out[:rows]; `table` is used as
