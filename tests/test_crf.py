@@ -275,13 +275,13 @@ def test_tiled_kernels_are_the_raster_kernels_reordered():
 
 
 def _literal_permutohedral(features: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, int]:
-    """pydensecrf's `Permutohedral` (init, then compute with symmetric normalisation) written out pixel by pixel
-    in float32, with a dict as the hash table: K~ @ values for features (N, d) and values (N, C), and the number
-    of lattice points."""
+    """pydensecrf's `Permutohedral` (init as its SSE build on x86 does it, then compute with symmetric
+    normalisation) written out pixel by pixel in float32, with a dict as the hash table: K~ @ values for features
+    (N, d) and values (N, C), and the number of lattice points."""
     f32 = np.float32
     count, dim = features.shape
-    inv_std = f32(np.sqrt(2.0 / 3.0) * (dim + 1))
-    scale = [f32(inv_std / np.sqrt((i + 1) * (i + 2))) for i in range(dim)]
+    inv_std = float(f32(np.sqrt(2.0 / 3.0) * (dim + 1)))
+    scale = [f32(1.0 / np.sqrt((i + 1) * (i + 2)) * inv_std) for i in range(dim)]
     down_factor = f32(1.0 / (dim + 1))
     table: dict[tuple, int] = {}
     offsets, weights = [], []
@@ -295,11 +295,9 @@ def _literal_permutohedral(features: np.ndarray, values: np.ndarray) -> tuple[np
         elevated[0] = total
         rem0, plane = [], 0
         for i in range(dim + 1):
-            v = f32(elevated[i] * down_factor)
-            up, down = f32(np.ceil(v) * (dim + 1)), f32(np.floor(v) * (dim + 1))
-            rem0.append(int(up) if up - elevated[i] < elevated[i] - down else int(down))
-            plane += rem0[-1]
-        plane //= dim + 1
+            v = int(np.rint(f32(elevated[i] * down_factor)))  # nearest, ties to even
+            rem0.append(v * (dim + 1))
+            plane += v
         rank = [0] * (dim + 1)
         for i in range(dim):
             for j in range(i + 1, dim + 1):

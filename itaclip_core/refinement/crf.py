@@ -124,47 +124,54 @@ class ExactKernel:
 
 def _simplices(feats: torch.Tensor, rem0_out: torch.Tensor, rank_out: torch.Tensor,
                weights_out: torch.Tensor) -> None:
-    """pydensecrf's `Permutohedral::init` for features (n, d): write each pixel's closest remainder-0 point (its
-    first d coordinates), the rank of each coordinate's residual and the d + 1 barycentric weights."""
+    """pydensecrf's `Permutohedral::init` for features (n, d), in its float32 arithmetic and order (its SSE build,
+    the one on x86): write each
+    pixel's closest remainder-0 point (its first d coordinates), the rank of each coordinate's residual and the
+    d + 1 barycentric weights. Works on one row per coordinate, (d + 1, n)."""
     count, dim = feats.shape
     device = feats.device
-    # Elevation (pydensecrf: inv_std_dev = sqrt(2/3) (d + 1); scale_i = inv_std_dev / sqrt((i + 1)(i + 2))).
-    inv_std = math.sqrt(2.0 / 3.0) * (dim + 1)
-    scale = torch.tensor([inv_std / math.sqrt((i + 2) * (i + 1)) for i in range(dim)], dtype=torch.float32,
+    # Elevation (pydensecrf: inv_std_dev = sqrt(2/3) (d + 1) in float32; scale_i = 1 / sqrt((i + 1)(i + 2)) *
+    # inv_std_dev in double, stored in float32), summed from the last coordinate as pydensecrf sums (a cumsum
+    # would accumulate in double on the CPU).
+    inv_std = float(np.float32(math.sqrt(2.0 / 3.0) * (dim + 1)))
+    scale = torch.tensor([1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std for i in range(dim)], dtype=torch.float32,
                          device=device)
-    cf = feats * scale  # (n, d)
-    suffix = cf.flip(1).cumsum(1).flip(1)  # suffix[:, j] = sum_{i >= j} cf[:, i], summed from the last
-    elevated = torch.empty(count, dim + 1, dtype=torch.float32, device=device)
-    elevated[:, 0] = suffix[:, 0]
-    steps = torch.arange(1, dim + 1, dtype=torch.float32, device=device)
-    tail = torch.cat([suffix[:, 1:], torch.zeros(count, 1, device=device)], dim=1)  # sum_{i >= j} for j = 1..d
-    elevated[:, 1:] = tail - steps * cf
-    # Closest remainder-0 point: each coordinate rounded to a multiple of d + 1.
-    down_factor = torch.tensor(1.0 / (dim + 1), dtype=torch.float32)
-    v = elevated * down_factor
-    up = torch.ceil(v) * (dim + 1)
-    down = torch.floor(v) * (dim + 1)
-    rem0 = torch.where(up - elevated < elevated - down, up, down)
-    total = torch.round(rem0.sum(dim=1) / (dim + 1)).long()  # (n,) how far off the plane the rounding went
-    # Rank of each coordinate's residual: its place in a stable descending sort (pydensecrf's pairwise count, in
-    # which of two equal residuals the later coordinate ranks higher).
-    by_residual = torch.sort(elevated - rem0, dim=1, descending=True, stable=True).indices
-    places = torch.arange(dim + 1, device=device).expand(count, dim + 1)
-    rank = torch.empty_like(by_residual).scatter_(1, by_residual, places)
-    rank += total[:, None]
-    low = rank < 0
-    high = rank > dim
-    rank = torch.where(low, rank + dim + 1, torch.where(high, rank - dim - 1, rank))
-    rem0 = torch.where(low, rem0 + dim + 1, torch.where(high, rem0 - dim - 1, rem0))
+    cf = (feats * scale).T.contiguous()  # (d, n)
+    elevated = torch.empty(dim + 1, count, dtype=torch.float32, device=device)
+    total = torch.zeros(count, dtype=torch.float32, device=device)
+    for j in range(dim, 0, -1):
+        torch.sub(total, cf[j - 1] * j, out=elevated[j])
+        total += cf[j - 1]
+    elevated[0] = total
+    # Closest remainder-0 point: each coordinate / (d + 1) rounded to the nearest integer, ties to even (the
+    # SSE path of pydensecrf, the one built on x86), times d + 1.
+    down_factor = torch.tensor(1.0 / (dim + 1), dtype=torch.float32, device=device)
+    rounded = torch.round(elevated * down_factor)
+    rem0 = rounded * (dim + 1)
+    plane = rounded.sum(dim=0).to(torch.int8)  # how far off the plane the rounding went
+    # Rank of each coordinate's residual, counted pair by pair as pydensecrf counts (of two equal residuals the
+    # later coordinate ranks higher).
+    resid = elevated - rem0
+    rank = torch.zeros(dim + 1, count, dtype=torch.int8, device=device)
+    for i in range(dim):
+        for j in range(i + 1, dim + 1):
+            less = resid[i] < resid[j]
+            rank[i] += less
+            rank[j] += ~less
+    rank += plane
+    wrap = (rank < 0).to(torch.int8) - (rank > dim).to(torch.int8)  # back onto the plane
+    rank += wrap * (dim + 1)
+    rem0 += wrap * (dim + 1)
     # Barycentric weights.
-    vals = (elevated - rem0) * down_factor  # (n, d + 1)
-    bary = torch.zeros(count, dim + 2, dtype=torch.float32, device=device)
-    bary.scatter_add_(1, dim - rank, vals)
-    bary.scatter_add_(1, dim - rank + 1, -vals)
-    bary[:, 0] += 1.0 + bary[:, dim + 1]
-    weights_out.copy_(bary[:, : dim + 1])
-    rem0_out.copy_(rem0[:, :dim])
-    rank_out.copy_(rank)
+    vals = (elevated - rem0).mul_(down_factor)  # (d + 1, n)
+    bary = torch.zeros(dim + 2, count, dtype=torch.float32, device=device)
+    slot = (dim - rank).long()
+    bary.scatter_add_(0, slot, vals)
+    bary.scatter_add_(0, slot + 1, -vals)
+    bary[0] += 1.0 + bary[dim + 1]
+    weights_out.copy_(bary[: dim + 1].T)
+    rem0_out.copy_(rem0[:dim].T)
+    rank_out.copy_(rank.T)
 
 
 class PermutohedralKernel:
