@@ -387,3 +387,38 @@ def test_lattice_matches_pydensecrf2_probabilities():
     lattice = dense_crf(probs, image, backend="lattice")
     assert np.abs(lattice - reference).max() < 1e-4
     assert np.abs(reference - probs).max() > 0.1
+
+
+def test_refinement_benchmark_runs_rounds_and_reports_the_speed_up(monkeypatch, capsys):
+    """The benchmark's flow on a tiny input, its steps run in this process instead of fresh ones: every round of
+    every DenseCRF step, the medians, the speed-up from the rounds' ratios and the label agreement."""
+    import re
+
+    from itaclip_core.refinement import benchmark
+
+    def in_this_process(spec):  # as `in_fresh_process` reports a failure
+        try:
+            return {"step": spec["step"], **benchmark._measure(spec)}
+        except Exception as error:  # noqa: BLE001
+            return {"step": spec["step"], "error": f"{type(error).__name__}: {error}"}
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(benchmark, "run_isolated", in_this_process)
+    try:
+        benchmark.main(["--classes", "3", "--size", "20", "28", "--iterations", "2", "--rounds", "2", "--one-thread",
+                        "--skip-loftup"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for step in ("crf_lattice", "crf_lattice_1_thread"):
+        assert f"{step} (round 2):" in out and re.search(rf"{step}: median [0-9.]+ s", out)
+    for step in ("pamr", "guided", "joint_bilateral"):
+        assert re.search(rf"{step}:\s+[0-9.]+ s", out)
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        assert "crf_pydensecrf2 (round 1): ImportError" in out
+    else:
+        agreement = re.search(r"crf_lattice: [0-9.]+x faster than pydensecrf2 .* label agreement ([0-9.]+)%", out)
+        assert agreement and float(agreement.group(1)) >= 99.0
+    assert benchmark._median([3.0, 1.0, 2.0]) == 2.0 and benchmark._median([4.0, 1.0, 2.0, 3.0]) == 2.5
