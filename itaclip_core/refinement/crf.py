@@ -14,13 +14,16 @@ and an RGB image:
 Two ways of applying the kernels ("messages") are behind `dense_crf(..., backend=...)`:
 
 - `"exact"`: the N x N kernels, evaluated in row blocks. O(N^2): for small images and as the reference in tests.
-- `"lattice"` (default): a permutohedral lattice (Adams et al. 2010) written in PyTorch, following the
-  construction pydensecrf uses (elevation, rounding to the closest remainder-0 point, barycentric weights, a
-  [1/2, 1, 1/2] blur along each of the d + 1 lattice directions, and the same scaling constants). It is chosen over
-  a bilateral grid because it is the approximation pydensecrf itself makes, so the two agree on the labels rather
-  than only approximating the same ideal kernel differently, and because its cost is linear in the feature
+- `"lattice"` (default): a permutohedral lattice (Adams et al. 2010) written in PyTorch, built as pydensecrf's x86
+  (SSE) build computes it, in its float32 arithmetic (elevation summed from the last coordinate, round-half-even to
+  the closest remainder-0 point, pairwise ranks, barycentric weights, a [1/2, 1, 1/2] blur along each of the d + 1
+  lattice directions, the same scaling constants), so its probabilities equal pydensecrf2's to float precision.
+  It is chosen over a bilateral grid because it is the approximation pydensecrf itself makes, so the two agree
+  rather than only approximating the same ideal kernel differently, and because its cost is linear in the feature
   dimension (d + 1 vertices per pixel) where a 5-D grid needs 2^5 corners per pixel and a dense 5-D array of cells.
-  Splatting and slicing are weighted sums of rows (`embedding_bag`), so the same code runs on the CPU and CUDA.
+  Splatting and slicing are weighted sums of rows (`embedding_bag`), so the same code runs on the CPU and CUDA. The
+  mean field runs over tiles of pixels (`PixelTiles`; one tile on CUDA), one pass over the tiles per iteration, so
+  that a tile's lattice rows stay in the cache and no (pixels x classes) array is written more than once per pass.
 - `"pydensecrf2"`: the optional C++ package (extra `crf`), as a third backend and as a check.
 
 Everything runs on the device of the probabilities, in float32.
