@@ -587,8 +587,10 @@ def dense_crf(
         # The lattice runs on the pixels in tile order (`PixelTiles`); its kernels are built on features in that
         # order, the exact ones on features in raster order.
         lattice = backend == "lattice"
-        tiles = PixelTiles(height, width, LATTICE_TILE if device.type == "cpu" else (height, width), device)
-        order = tiles.order if lattice else None
+        tiles = order = None
+        if lattice:
+            tiles = PixelTiles(height, width, LATTICE_TILE if device.type == "cpu" else (height, width), device)
+            order = tiles.order
         make = KERNELS[backend]
         kernels = []
         if gaussian_compat > 0 and iterations > 0:
