@@ -342,7 +342,8 @@ def _literal_permutohedral(features: np.ndarray, values: np.ndarray) -> tuple[np
         for j in range(dim + 1):
             new = lattice.copy()
             for i, key in enumerate(keys):
-                new[i + 1] = lattice[i + 1] + f32(0.5) * (lattice[neighbour(key, j, 1)] + lattice[neighbour(key, j, -1)])
+                sides = lattice[neighbour(key, j, 1)] + lattice[neighbour(key, j, -1)]
+                new[i + 1] = lattice[i + 1] + f32(0.5) * sides
             lattice = new
         alpha = f32(1.0 / (1.0 + 2.0 ** -dim))
         return np.stack([(weights[n, :, None] * lattice[offsets[n] + 1] * alpha).sum(0) for n in range(count)])

@@ -327,10 +327,10 @@ class CombinedLatticeMessages:
     `embedding_bag` that sums (d_1 + 1) + (d_2 + 1) + ... table rows per pixel, with the Potts weights and
     pydensecrf's constants folded into its weights, plus the pixel's own -unary row (weight 1), so that it gives
     the pixel's energy; the splat of the tile's Q is one `embedding_bag` with a bag per table row that the tile
-    touches (its pixels in order), added into the next table with `index_add_`. The blur is one `embedding_bag` per
-    lattice direction whose bag for a row is the row (weight 1) and its two neighbours along that direction
-    (weight 1/2 each, missing ones left out). Same result as applying the kernels one by one (up to float summation
-    order).
+    touches (its pixels in order), added into the next table with `index_add_`. The blur is, per lattice direction
+    and block of rows, one `embedding_bag` whose bag for a row is the row (weight 1) and its two neighbours along
+    that direction (weight 1/2 each, missing ones left out). Same result as applying the kernels one by one (up to
+    float summation order).
     """
 
     def __init__(self, kernels: list[tuple[float, PermutohedralKernel]], tiles: PixelTiles) -> None:
@@ -353,7 +353,8 @@ class CombinedLatticeMessages:
             torch.add(kernel.slice_index, row, out=self.slice_index[:, columns])
             torch.mul(kernel.slice_weight, weight * kernel.alpha, out=self.slice_weight[:, columns])
             splat_weight[:, columns] = kernel.slice_weight
-            self.parts.append((row, kernel.num_points + 1, [self._blur_blocks(kernel, d) for d in range(kernel.dim + 1)]))
+            steps = [self._blur_blocks(kernel, direction) for direction in range(kernel.dim + 1)]
+            self.parts.append((row, kernel.num_points + 1, steps))
             row += kernel.num_points + 1
             column += kernel.dim + 1
         torch.arange(rows, rows + count, out=self.slice_index[:, vertices])  # each position's -unary row
