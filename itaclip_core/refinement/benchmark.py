@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -124,12 +125,6 @@ def run_isolated(spec: dict[str, Any]) -> dict[str, Any]:
     return {"step": spec["step"], **in_fresh_process(_measure, spec)}
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
-
-
 def _report(step: str, result: dict[str, Any], device: str) -> None:
     if "error" in result:
         print(f"{step:>24}: {result['error']}")
@@ -177,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, results in timed.items():
         if results:
             seconds = [r["seconds"] for r in results]
-            print(f"{name:>24}: median {_median(seconds):.3f} s (min {min(seconds):.3f}, max {max(seconds):.3f}), "
+            median = statistics.median(seconds)
+            print(f"{name:>24}: median {median:.3f} s (min {min(seconds):.3f}, max {max(seconds):.3f}), "
                   f"peak memory {max(r['peak_mib'] for r in results):.1f} MiB")
     ref = timed.get("crf_pydensecrf2")
     for name in [n for n, _ in crf_steps if n != "crf_pydensecrf2"]:
@@ -187,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [b["seconds"] / a["seconds"] for a, b in zip(ours, ref)]
         agree = float((ours[0]["labels"] == ref[0]["labels"]).mean())
         diff = float(np.abs(ours[0]["probs_sample"] - ref[0]["probs_sample"]).max())
-        print(f"DenseCRF {name}: {_median(ratios):.2f}x faster than pydensecrf2 (median of the rounds' ratios; "
-              f"{min(ratios):.2f}x to {max(ratios):.2f}x); label agreement {agree * 100:.3f}%, "
+        print(f"DenseCRF {name}: {statistics.median(ratios):.2f}x faster than pydensecrf2 (median of the rounds' "
+              f"ratios; {min(ratios):.2f}x to {max(ratios):.2f}x); label agreement {agree * 100:.3f}%, "
               f"max |dQ| (every 16th pixel) {diff:.2e}")
     steps = ["pamr", "guided", "joint_bilateral"] + ([] if args.skip_loftup else ["loftup"])
     for step in steps:

@@ -128,9 +128,8 @@ class ExactKernel:
 def _simplices(feats: torch.Tensor, rem0_out: torch.Tensor, rank_out: torch.Tensor,
                weights_out: torch.Tensor) -> None:
     """pydensecrf's `Permutohedral::init` for features (n, d), in its float32 arithmetic and order (its SSE build,
-    the one on x86): write each
-    pixel's closest remainder-0 point (its first d coordinates), the rank of each coordinate's residual and the
-    d + 1 barycentric weights. Works on one row per coordinate, (d + 1, n)."""
+    the one on x86): write each pixel's closest remainder-0 point (its first d coordinates), the rank of each
+    coordinate's residual and the d + 1 barycentric weights. Works on one row per coordinate, (d + 1, n)."""
     count, dim = feats.shape
     device = feats.device
     # Elevation (pydensecrf: inv_std_dev = sqrt(2/3) (d + 1) in float32; scale_i = 1 / sqrt((i + 1)(i + 2)) *
@@ -261,8 +260,7 @@ class PermutohedralKernel:
         ones = torch.zeros(points + 1, dtype=torch.float32, device=device)
         ones.index_add_(0, self.slice_index.reshape(-1), weights.reshape(-1))
         degree = (self._blur(ones[:, None])[self.slice_index, 0] * weights).sum(dim=1, keepdim=True) * self.alpha
-        self.norm = 1.0 / torch.sqrt(degree + 1e-20)  # (N, 1)
-        self.slice_weight = weights.mul_(self.norm)
+        self.slice_weight = weights.mul_(1.0 / torch.sqrt(degree + 1e-20))
 
     def _blur(self, lattice: torch.Tensor) -> torch.Tensor:
         for n1, n2 in self.neighbours:
