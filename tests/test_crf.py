@@ -244,10 +244,11 @@ def _lattice_problem(seed: int, tile: tuple[int, int]):
     return torch.from_numpy(probs), raster, tiled, tiles
 
 
-@pytest.mark.parametrize("tile", [(5, 7), (24, 40), (64, 128)])
+@pytest.mark.parametrize("tile", [(5, 7), (6, 13), (24, 40), (64, 128)])
 def test_tiled_lattice_mean_field_equals_the_plain_one(tile):
-    """Tiles that end mid-row and mid-column (5 x 7: the last ones are 4 x 5), one tile, one tile larger than the
-    image: the same Q as the plain mean field over the kernels applied one by one."""
+    """Tiles that end mid-row and mid-column (5 x 7: the last ones are 4 x 5; 6 x 13: one whole block of
+    `TRANSPOSE_BLOCK` columns and a remainder), one tile, one tile larger than the image: the same Q as the plain
+    mean field over the kernels applied one by one. The result is a view with the classes innermost."""
     from itaclip_core.refinement import crf
 
     probs, raster, tiled, tiles = _lattice_problem(12, tile)
@@ -258,9 +259,21 @@ def test_tiled_lattice_mean_field_equals_the_plain_one(tile):
         assert len(tiles.spans) == 5 * 6 and tiles.spans[-1][1] - tiles.spans[-1][0] == 4 * 5
         assert sum(splat[3].shape[0] for splat in messages.splats) > messages.rows  # rows shared between tiles
     tiled_q = crf.lattice_mean_field(probs, messages, tiles, 5)
-    assert tiled_q.shape == (4, 24, 40) and tiled_q.is_contiguous()
+    assert tiled_q.shape == (4, 24, 40) and tiled_q.stride() == (1, 40 * 4, 4)
     assert (tiled_q - plain).abs().max() < 1e-5
     assert (plain - probs.clamp(1e-5, 1) / probs.clamp(1e-5, 1).sum(0)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("width", [3, 8, 13, 24])
+def test_tile_to_rows_is_the_permuted_copy(width):
+    """The two-step tile copy (whole blocks of `TRANSPOSE_BLOCK` columns, then the remainder) equals the plain
+    permuted copy, for tiles narrower than a block, exactly one block, blocks and a remainder, and whole blocks."""
+    from itaclip_core.refinement import crf
+
+    probs = torch.rand(5, 9, 30, generator=torch.Generator().manual_seed(width))
+    out = torch.full((4, width, 5), float("nan"))
+    crf._tile_to_rows(probs, 2, 6, 3, 3 + width, out)
+    assert torch.equal(out, probs[:, 2:6, 3 : 3 + width].permute(1, 2, 0))
 
 
 def test_tiled_kernels_are_the_raster_kernels_reordered():

@@ -355,7 +355,7 @@ class CombinedLatticeMessages:
             self.parts.append((row, kernel.num_points + 1, steps))
             row += kernel.num_points + 1
             column += kernel.dim + 1
-        torch.arange(rows, rows + count, out=self.slice_index[:, vertices])  # each position's -unary row
+        torch.add(tiles.order, rows, out=self.slice_index[:, vertices])  # each pixel's -unary row (raster order)
         self.slice_weight[:, vertices] = 1.0
         # Splat bags per tile: the tile's entries (position, vertex) sorted by table row, positions in order
         # within a bag.
@@ -395,15 +395,37 @@ class CombinedLatticeMessages:
                 out[start : start + rows] = table[start : start + rows]
 
 
+TRANSPOSE_BLOCK = 8  # columns per block of the two-step (K, h, w) -> (h, w, K) tile copy
+
+
+def _tile_to_rows(probs: torch.Tensor, y0: int, y1: int, x0: int, x1: int, out: torch.Tensor) -> None:
+    """out (h, w, K) = probs[:, y0:y1, x0:x1] with the classes last, in two steps that each move contiguous runs:
+    (K, h, w / B, B) -> (h, w / B, K, B), then a transpose of each (K, B) block (which is in the cache), B =
+    `TRANSPOSE_BLOCK`; columns beyond the last whole block are copied directly."""
+    classes = probs.shape[0]
+    height, width = y1 - y0, x1 - x0
+    main = width - width % TRANSPOSE_BLOCK
+    if main:
+        blocks = main // TRANSPOSE_BLOCK
+        staged = torch.empty(height, blocks, classes, TRANSPOSE_BLOCK, dtype=probs.dtype, device=probs.device)
+        staged.copy_(probs[:, y0:y1, x0 : x0 + main].reshape(classes, height, blocks, TRANSPOSE_BLOCK)
+                     .permute(1, 2, 0, 3))
+        out[:, :main].view(height, blocks, TRANSPOSE_BLOCK, classes).copy_(staged.transpose(2, 3))
+    if main < width:
+        out[:, main:].copy_(probs[:, y0:y1, x0 + main : x1].permute(1, 2, 0))
+
+
 def lattice_mean_field(probs: torch.Tensor, messages: CombinedLatticeMessages, tiles: PixelTiles,
                        iterations: int) -> torch.Tensor:
     """`mean_field` for lattice messages, from class probabilities (K, H, W) to Q (K, H, W), a tile at a time.
 
-    One (rows + N, K) array holds the blurred lattice table and, below it, -unary of the pixels in tile order, so
-    one `embedding_bag` gives a tile's energies (`CombinedLatticeMessages`). Each pass over the tiles computes a
-    tile's energies from the current table, its Q (softmax) into a tile-sized buffer, and splats that Q into the
-    next table; the first pass also writes -unary = log(clip(P)) of the tile, and the last writes Q into the
-    output. Between passes the next table is blurred into the array. Same result as `mean_field` up to float
+    One (rows + N, K) array holds the blurred lattice table and, below it, -unary = log(clip(P)) of the pixels in
+    raster order, so one `embedding_bag` gives a tile's energies (`CombinedLatticeMessages`). The first pass writes
+    a tile's -unary rows and splats its Q0 = clip(P) / sum(clip(P)) (= softmax(-unary)); each further pass
+    computes a tile's energies from the current table, its Q (softmax) into a tile-sized buffer, and splats that Q
+    into the next table; between passes the next table is blurred into the array. The last pass writes Q over the
+    tile's -unary rows (no other tile reads them), and the result is those rows seen as (K, H, W): a view with the
+    classes innermost in memory (strides (1, W K, K)), not a copy. Same result as `mean_field` up to float
     summation order.
     """
     classes = probs.shape[0]
@@ -411,32 +433,35 @@ def lattice_mean_field(probs: torch.Tensor, messages: CombinedLatticeMessages, t
     rows = messages.rows
     store = torch.empty(rows + tiles.count, classes, dtype=torch.float32, device=device)
     table = torch.empty(rows, classes, dtype=torch.float32, device=device)
-    out = torch.empty(classes, tiles.height, tiles.width, dtype=torch.float32, device=device)
+    unary = store[rows:].view(tiles.height, tiles.width, classes)  # (H, W, K), raster order
     largest = max(stop - start for start, stop, *_ in tiles.spans)
     q = torch.empty(largest, classes, dtype=torch.float32, device=device)
+    first = torch.empty(largest, classes, dtype=torch.float32, device=device)
     for step in range(iterations + 1):
         last = step == iterations
         if not last:
             table.zero_()
         for (start, stop, y0, y1, x0, x1), splat in zip(tiles.spans, messages.splats):
+            tile_q = q[: stop - start]
             if step == 0:
-                energy = store[rows + start : rows + stop]
-                energy.view(y1 - y0, x1 - x0, classes).copy_(probs[:, y0:y1, x0:x1].permute(1, 2, 0))
-                energy.clamp_(UNARY_CLIP, 1.0).log_()
+                clipped = first[: stop - start]
+                _tile_to_rows(probs, y0, y1, x0, x1, clipped.view(y1 - y0, x1 - x0, classes))
+                clipped.clamp_(UNARY_CLIP, 1.0)
+                torch.div(clipped, clipped.sum(dim=1, keepdim=True), out=tile_q)
+                unary[y0:y1, x0:x1] = clipped.log_().view(y1 - y0, x1 - x0, classes)
             else:
                 energy = F.embedding_bag(messages.slice_index[start:stop], store, mode="sum",
                                          per_sample_weights=messages.slice_weight[start:stop])
-            tile_q = q[: stop - start]
-            torch.softmax(energy, dim=1, out=tile_q)
+                torch.softmax(energy, dim=1, out=tile_q)
             if last:
-                out[:, y0:y1, x0:x1] = tile_q.view(y1 - y0, x1 - x0, classes).permute(2, 0, 1)
+                unary[y0:y1, x0:x1] = tile_q.view(y1 - y0, x1 - x0, classes)
             else:
                 positions, weights, offsets, table_rows = splat
                 table.index_add_(0, table_rows, F.embedding_bag(positions, tile_q, offsets, mode="sum",
                                                                 per_sample_weights=weights))
         if not last:
             messages.blur_into(table, store)
-    return out
+    return unary.permute(2, 0, 1)
 
 
 KERNELS: dict[str, Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
