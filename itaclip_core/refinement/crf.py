@@ -593,7 +593,9 @@ def dense_crf(
 
     Returns:
         (K, H, W) float32 refined probabilities on the probabilities' device: a tensor for a tensor input, a numpy
-        array for a numpy input.
+        array for a numpy input. The lattice backend returns a (H, W, K) buffer seen as (K, H, W) (the classes
+        innermost in memory, as in `torch.channels_last`); `.contiguous()` or `np.ascontiguousarray` gives class
+        planes.
     """
     check_settings(iterations, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat,
                    backend)
