@@ -131,6 +131,21 @@ def test_own_colour_guided_filter_equals_kornia(border, kernel_size, eps):
                                                                 subsample=2), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("border", ["reflect", "replicate", "constant", "circular"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_box_means_equal_the_window_average(border, dtype):
+    """Both box-mean paths (float32 depthwise convolutions, float64 running sums) equal the average over each
+    window of the padded image, for a window nearly as large as the image."""
+    from itaclip_core.refinement.guided import _box
+
+    x = torch.randn(2, 3, 10, 13, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    padded = torch.nn.functional.pad(x, [4] * 4, mode=border)
+    expected = padded.unfold(2, 9, 1).unfold(3, 9, 1).mean(dim=(-1, -2))
+    out = _box(x.to(dtype), 9, border)
+    assert out.dtype == dtype and out.shape == x.shape
+    torch.testing.assert_close(out.double(), expected, atol=1e-12 if dtype == torch.float64 else 1e-6, rtol=0)
+
+
 def test_guided_filter_follows_the_guides_edge():
     _kornia()
     guide = torch.zeros(3, 16, 16)

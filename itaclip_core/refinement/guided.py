@@ -64,12 +64,24 @@ def check_guided_settings(mode: str, kernel_size: int, eps: float, sigma_color: 
 
 
 def _box(x: torch.Tensor, kernel_size: int, border: str) -> torch.Tensor:
-    """Mean over kernel_size x kernel_size windows of (B, C, H, W), the border padded as `border` says."""
+    """Mean over kernel_size x kernel_size windows of (B, C, H, W), the border padded as `border` says.
+
+    float32 (and other float types the CPU convolves natively): two separable depthwise convolutions, 2k rather
+    than k^2 operations per pixel (faster than avg_pool2d on the CPU), on channels-innermost memory, where the CPU's
+    depthwise convolution is several times faster; the result stays channels-innermost. float64: differences of
+    running sums along each axis (float64 has no fast convolution on the CPU; its running sums lose nothing that
+    matters at image sizes)."""
     pad = kernel_size // 2
     mode = "constant" if border == "constant" else border
-    padded = torch.nn.functional.pad(x, [pad] * 4, mode=mode)
+    if x.dtype == torch.float64:
+        padded = torch.nn.functional.pad(x, [pad] * 4, mode=mode)
+        padded = torch.nn.functional.pad(padded, [1, 0, 1, 0])  # a leading zero row and column start the sums
+        rows = padded.cumsum(dim=-1)
+        rows = rows[..., kernel_size:] - rows[..., :-kernel_size]
+        both = rows.cumsum(dim=-2)
+        return (both[..., kernel_size:, :] - both[..., :-kernel_size, :]) / (kernel_size * kernel_size)
+    padded = torch.nn.functional.pad(x, [pad] * 4, mode=mode).contiguous(memory_format=torch.channels_last)
     channels = x.shape[1]
-    # separable depthwise convolutions: 2k, not k^2, operations per pixel (faster than avg_pool2d on the CPU)
     column = torch.full((channels, 1, kernel_size, 1), 1.0 / kernel_size, dtype=x.dtype, device=x.device)
     rows = torch.nn.functional.conv2d(padded, column, groups=channels)
     return torch.nn.functional.conv2d(rows, column.transpose(2, 3), groups=channels)
@@ -80,10 +92,9 @@ class _ColourGuide:
     (its window covariance + eps I), computed once and reused for every chunk of score channels."""
 
     def __init__(self, guide: torch.Tensor, kernel_size: int, eps: float, border: str) -> None:
-        self.guide, self.kernel_size, self.border = guide, kernel_size, border
+        self.kernel_size, self.border = kernel_size, border
         g = guide.double()  # the guide's statistics in float64: the covariance is a difference of close numbers
         m = _box(g, kernel_size, border)  # (B, 3, H, W)
-        self.mean = m.to(guide.dtype)
         pairs = [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
         second = _box(torch.stack([g[:, i] * g[:, j] for i, j in pairs], dim=1), kernel_size, border)
         cov = {pair: second[:, k] - m[:, pair[0]] * m[:, pair[1]] for k, pair in enumerate(pairs)}
@@ -94,20 +105,23 @@ class _ColourGuide:
                [c * e - b * f, a * f - c * c, b * c - a * e],
                [b * e - c * d, b * c - a * e, a * d - b * b]]
         det = a * adj[0][0] + b * adj[0][1] + c * adj[0][2]
-        self.inverse = torch.stack([torch.stack(row, dim=1) for row in adj], dim=1) / det[:, None, None]
-        self.inverse = self.inverse.to(guide.dtype)  # (B, 3, 3, H, W)
+        # Per colour channel i: the guide (B, 1, H, W), its window mean, and row i of the inverse, each (B, 1, H, W)
+        # so that they broadcast over the score channels.
+        self.guide = [guide[:, i : i + 1] for i in range(3)]
+        self.mean = [m[:, i : i + 1].to(guide.dtype) for i in range(3)]
+        self.inverse = [[(adj[i][j] / det)[:, None].to(guide.dtype) for j in range(3)] for i in range(3)]
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        """Filter (B, C, H, W) scores."""
-        k, border, guide, mean = self.kernel_size, self.border, self.guide, self.mean
+        """Filter (B, C, H, W) scores (the result is channels-innermost in memory)."""
+        k, border, guide, mean, inverse = self.kernel_size, self.border, self.guide, self.mean, self.inverse
+        scores = scores.contiguous(memory_format=torch.channels_last)  # every step below keeps this layout
         mean_p = _box(scores, k, border)  # (B, C, H, W)
-        cov = torch.stack([_box(guide[:, i : i + 1] * scores, k, border) - mean[:, i : i + 1] * mean_p
-                           for i in range(3)], dim=1)  # (B, 3, C, H, W)
-        a = torch.einsum("bijhw,bjchw->bichw", self.inverse, cov)  # (B, 3, C, H, W)
-        b = mean_p - (a * mean[:, :, None]).sum(dim=1)
+        cov = [_box(guide[i] * scores, k, border) - mean[i] * mean_p for i in range(3)]
+        a = [inverse[i][0] * cov[0] + inverse[i][1] * cov[1] + inverse[i][2] * cov[2] for i in range(3)]
+        b = mean_p - a[0] * mean[0] - a[1] * mean[1] - a[2] * mean[2]
         out = _box(b, k, border)
         for i in range(3):
-            out += _box(a[:, i], k, border) * guide[:, i : i + 1]
+            out += _box(a[i], k, border) * guide[i]
         return out
 
 
