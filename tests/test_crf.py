@@ -276,6 +276,43 @@ def test_tile_to_rows_is_the_permuted_copy(width):
     assert torch.equal(out, probs[:, 2:6, 3 : 3 + width].permute(1, 2, 0))
 
 
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_balanced_bag_order_gives_each_thread_a_fair_share(threads):
+    """Many small bags then a few large ones (a tile's Gaussian then bilateral rows): in row order the threads'
+    equal runs of bags get very unequal entries; in the balanced order within 15%, each thread's bags in their original order."""
+    from itaclip_core.refinement import crf
+
+    gen = torch.Generator().manual_seed(threads)
+    sizes = torch.cat([torch.randint(10, 30, (1100,), generator=gen), torch.randint(50, 2000, (120,), generator=gen)])
+    order = crf._balanced_bag_order(sizes, threads)
+    assert torch.equal(torch.sort(order).values, torch.arange(sizes.numel()))
+    run = -(-sizes.numel() // threads)  # how the threads split the bags: equal runs by count
+
+    def shares(ordered):
+        return torch.stack([ordered[t * run : (t + 1) * run].sum() for t in range(threads)]).double()
+
+    assert shares(sizes).max() / shares(sizes).min() > 3
+    balanced = shares(sizes[order])
+    assert balanced.max() / balanced.min() < 1.15
+    for t in range(threads):
+        piece = order[t * run : (t + 1) * run]
+        assert (piece.diff() < 0).sum() <= 1  # increasing, but for where one thread's group meets the next
+
+
+def test_balanced_splat_bags_give_the_same_mean_field():
+    """Splat bags in the balanced order (several threads) give exactly the Q of the row order (one thread)."""
+    from itaclip_core.refinement import crf
+
+    probs, _, tiled, tiles = _lattice_problem(14, (12, 20))
+    one = crf.CombinedLatticeMessages(tiled, tiles, threads=1)
+    three = crf.CombinedLatticeMessages(tiled, tiles, threads=3)
+    assert any(not torch.equal(a[3], b[3]) for a, b in zip(one.splats, three.splats))
+    assert all(torch.all(a[3].diff() > 0) for a in one.splats)
+    for a, b in zip(one.splats, three.splats):  # the same bags (row, entries) in another order
+        assert torch.equal(torch.sort(a[3]).values, torch.sort(b[3]).values)
+    assert torch.equal(crf.lattice_mean_field(probs, one, tiles, 4), crf.lattice_mean_field(probs, three, tiles, 4))
+
+
 def test_tiled_kernels_are_the_raster_kernels_reordered():
     """A kernel built on the pixels in tile order is the raster one with its rows permuted: same lattice points
     (same rows), same weights."""

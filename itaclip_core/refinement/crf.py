@@ -318,6 +318,20 @@ class PixelTiles:
         self.count = height * width
 
 
+def _balanced_bag_order(sizes: torch.Tensor, threads: int) -> torch.Tensor:
+    """An order of bags (sizes: entries per bag) for `embedding_bag` on `threads` threads, which split the bags
+    into equal runs by count: the bags are dealt by size, largest first, to the threads in snake order (0..T-1,
+    T-1..0, ...), and each thread's bags keep their original order. A tile's bilateral bags (hundreds of entries
+    each) sit after its Gaussian ones (a few dozen), so in row order one thread would get most of the work."""
+    count = sizes.shape[0]
+    by_size = torch.argsort(sizes, descending=True, stable=True)
+    lane = torch.arange(count, device=sizes.device) % (2 * threads)
+    lane = torch.where(lane < threads, lane, 2 * threads - 1 - lane)
+    group = torch.empty_like(lane)
+    group[by_size] = lane
+    return torch.argsort(group * count + torch.arange(count, device=sizes.device))
+
+
 class CombinedLatticeMessages:
     """sum_m w_m K~_m v for several permutohedral kernels built on the pixels in `tiles` order.
 
@@ -331,9 +345,12 @@ class CombinedLatticeMessages:
     float summation order).
     """
 
-    def __init__(self, kernels: list[tuple[float, PermutohedralKernel]], tiles: PixelTiles) -> None:
+    def __init__(self, kernels: list[tuple[float, PermutohedralKernel]], tiles: PixelTiles,
+                 threads: int | None = None) -> None:
         count = tiles.count
         device = kernels[0][1].slice_index.device
+        if threads is None:  # the threads that will share each splat (`_balanced_bag_order`)
+            threads = torch.get_num_threads() if device.type == "cpu" else 1
         vertices = sum(kernel.dim + 1 for _, kernel in kernels)
         rows = sum(kernel.num_points + 1 for _, kernel in kernels)
         self.rows = rows
@@ -357,12 +374,19 @@ class CombinedLatticeMessages:
             column += kernel.dim + 1
         torch.add(tiles.order, rows, out=self.slice_index[:, vertices])  # each pixel's -unary row (raster order)
         self.slice_weight[:, vertices] = 1.0
-        # Splat bags per tile: the tile's entries (position, vertex) sorted by table row, positions in order
-        # within a bag.
+        # Splat bags per tile: a bag per table row the tile touches, holding the tile's entries (position, vertex)
+        # of that row, positions in order; the bags in row order, or with several threads in the balanced order
+        # of `_balanced_bag_order`.
         self.splats = []  # per tile: (positions within the tile, weights, bag offsets, table rows of the bags)
         for start, stop, *_ in tiles.spans:
             rows_in_tile, entry = torch.sort(self.slice_index[start:stop, :vertices].reshape(-1), stable=True)
             bag_rows, per_bag = torch.unique_consecutive(rows_in_tile, return_counts=True)
+            if threads > 1:
+                order = _balanced_bag_order(per_bag, threads)
+                first = torch.cumsum(per_bag, 0) - per_bag
+                bag_rows, per_bag = bag_rows[order], per_bag[order]
+                shift = first[order] - (torch.cumsum(per_bag, 0) - per_bag)  # old start - new start, per bag
+                entry = entry[torch.repeat_interleave(shift, per_bag) + torch.arange(entry.numel(), device=device)]
             offsets = (torch.cumsum(per_bag, 0) - per_bag).to(small)
             positions = torch.div(entry, vertices, rounding_mode="floor").to(small)
             self.splats.append((positions, splat_weight[start:stop].reshape(-1)[entry], offsets, bag_rows))
