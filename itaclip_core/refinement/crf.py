@@ -221,9 +221,13 @@ class PermutohedralKernel:
                 "srgb, or use backend='pydensecrf2'"
             )
         # A pixel's simplex is (rem0, rank): many pixels share one, so the vertices are found per simplex.
-        base = ((rem0.long() - lowest) * radix).sum(dim=1)  # (N,) code of vertex 0 (= rem0)
+        base = torch.zeros(count, dtype=torch.long, device=device)  # (N,) code of vertex 0 (= rem0)
+        for i, (low, place) in enumerate(zip(lowest.tolist(), radix.tolist())):  # a column at a time
+            base += (rem0[:, i].long() - low) * place
         perms = (dim + 1) ** (dim + 1)  # rank permutations coded in base d + 1
-        rank_code = (rank.long() * ((dim + 1) ** torch.arange(dim + 1, device=device))).sum(dim=1)
+        rank_code = torch.zeros(count, dtype=torch.long, device=device)
+        for i in range(dim + 1):
+            rank_code += rank[:, i].long() * (dim + 1) ** i
         if product * perms < SIMPLEX_PACK_LIMIT:
             simplex_key, simplex_of = torch.unique(base * perms + rank_code, return_inverse=True)
             simplex_base = torch.div(simplex_key, perms, rounding_mode="floor")
@@ -259,7 +263,7 @@ class PermutohedralKernel:
         # Symmetric normalisation n = (K 1)^-1/2, folded into the weights: K~ v = n * slice(blur(splat(n * v))).
         ones = torch.zeros(points + 1, dtype=torch.float32, device=device)
         ones.index_add_(0, self.slice_index.reshape(-1), weights.reshape(-1))
-        degree = (self._blur(ones[:, None])[self.slice_index, 0] * weights).sum(dim=1, keepdim=True) * self.alpha
+        degree = (self._blur(ones[:, None])[:, 0][self.slice_index] * weights).sum(dim=1, keepdim=True) * self.alpha
         self.slice_weight = weights.mul_(1.0 / torch.sqrt(degree + 1e-20))
 
     def _blur(self, lattice: torch.Tensor) -> torch.Tensor:
@@ -389,7 +393,8 @@ class CombinedLatticeMessages:
                 entry = entry[torch.repeat_interleave(shift, per_bag) + torch.arange(entry.numel(), device=device)]
             offsets = (torch.cumsum(per_bag, 0) - per_bag).to(small)
             positions = torch.div(entry, vertices, rounding_mode="floor").to(small)
-            self.splats.append((positions, splat_weight[start:stop].reshape(-1)[entry], offsets, bag_rows))
+            self.splats.append((positions, splat_weight[start:stop].reshape(-1).index_select(0, entry), offsets,
+                                bag_rows))
 
     @staticmethod
     def _blur_blocks(kernel: PermutohedralKernel, direction: int) -> list[tuple]:
