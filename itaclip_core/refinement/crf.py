@@ -465,19 +465,18 @@ def lattice_mean_field(probs: torch.Tensor, messages: CombinedLatticeMessages, t
     unary = store[rows:].view(tiles.height, tiles.width, classes)  # (H, W, K), raster order
     largest = max(stop - start for start, stop, *_ in tiles.spans)
     q = torch.empty(largest, classes, dtype=torch.float32, device=device)
-    first = torch.empty(largest, classes, dtype=torch.float32, device=device)
     for step in range(iterations + 1):
         last = step == iterations
         if not last:
             table.zero_()
         for (start, stop, y0, y1, x0, x1), splat in zip(tiles.spans, messages.splats):
             tile_q = q[: stop - start]
-            if step == 0:
-                clipped = first[: stop - start]
-                _tile_to_rows(probs, y0, y1, x0, x1, clipped.view(y1 - y0, x1 - x0, classes))
+            if step == 0:  # clip(P) into the tile's -unary rows, Q0 from it, then the log in place
+                clipped = unary[y0:y1, x0:x1]
+                _tile_to_rows(probs, y0, y1, x0, x1, clipped)
                 clipped.clamp_(UNARY_CLIP, 1.0)
-                torch.div(clipped, clipped.sum(dim=1, keepdim=True), out=tile_q)
-                unary[y0:y1, x0:x1] = clipped.log_().view(y1 - y0, x1 - x0, classes)
+                torch.div(clipped, clipped.sum(dim=2, keepdim=True), out=tile_q.view(y1 - y0, x1 - x0, classes))
+                clipped.log_()
             else:
                 energy = F.embedding_bag(messages.slice_index[start:stop], store, mode="sum",
                                          per_sample_weights=messages.slice_weight[start:stop])
