@@ -322,6 +322,11 @@ class PixelTiles:
         self.count = height * width
 
 
+def _bag_offsets(sizes: torch.Tensor) -> torch.Tensor:
+    """`embedding_bag` offsets (where each bag's entries start) of bags with these numbers of entries."""
+    return torch.cumsum(sizes, 0) - sizes
+
+
 def _balanced_bag_order(sizes: torch.Tensor, threads: int) -> torch.Tensor:
     """An order of bags (sizes: entries per bag) for `embedding_bag` on `threads` threads, which split the bags
     into equal runs by count: the bags are dealt by size, largest first, to the threads in snake order (0..T-1,
@@ -385,13 +390,14 @@ class CombinedLatticeMessages:
         for start, stop, *_ in tiles.spans:
             rows_in_tile, entry = torch.sort(self.slice_index[start:stop, :vertices].reshape(-1), stable=True)
             bag_rows, per_bag = torch.unique_consecutive(rows_in_tile, return_counts=True)
+            offsets = _bag_offsets(per_bag)
             if threads > 1:
                 order = _balanced_bag_order(per_bag, threads)
-                first = torch.cumsum(per_bag, 0) - per_bag
-                bag_rows, per_bag = bag_rows[order], per_bag[order]
-                shift = first[order] - (torch.cumsum(per_bag, 0) - per_bag)  # old start - new start, per bag
-                entry = entry[torch.repeat_interleave(shift, per_bag) + torch.arange(entry.numel(), device=device)]
-            offsets = (torch.cumsum(per_bag, 0) - per_bag).to(small)
+                bag_rows, per_bag, old_offsets = bag_rows[order], per_bag[order], offsets[order]
+                offsets = _bag_offsets(per_bag)
+                entry = entry[torch.repeat_interleave(old_offsets - offsets, per_bag)
+                              + torch.arange(entry.numel(), device=device)]
+            offsets = offsets.to(small)
             positions = torch.div(entry, vertices, rounding_mode="floor").to(small)
             self.splats.append((positions, splat_weight[start:stop].reshape(-1).index_select(0, entry), offsets,
                                 bag_rows))
@@ -406,7 +412,7 @@ class CombinedLatticeMessages:
         entry_ends = torch.cumsum(per_row, 0)[torch.tensor(ends, device=per_row.device) - 1].tolist()
         blocks = []
         for r0, r1, e0, e1 in zip(starts, ends, [0] + entry_ends[:-1], entry_ends):
-            offsets = torch.cumsum(per_row[r0:r1], 0) - per_row[r0:r1]
+            offsets = _bag_offsets(per_row[r0:r1])
             blocks.append((r0, r1, bag[e0:e1], offsets, bag_weight[e0:e1]))
         return blocks
 
