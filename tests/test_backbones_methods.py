@@ -15,27 +15,14 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
+from _families import FAMILIES, family_config
 from itaclip_core import backbones as bb
 from itaclip_core.masks.attention import spatial_blocks
 from itaclip_core.model import load_clip
 from itaclip_core.presets import get_preset
 from itaclip_core.segmentor import Segmentor
 
-TEMPLATES = "notebooks/ci_templates.txt"
 BACKBONES = {"random-tiny": "vit-b-16", "random-tiny-l-14": "vit-l-14", "random-open_clip:ViT-H-14": "vit-h-14"}
-# one preset per family, with what it needs to run without downloads
-PRESETS = {
-    "itaclip_context60": {},
-    "sclip_voc20": {},
-    "naclip_context59": {},
-    "clearclip_cityscapes": {},
-    "resclip_context59": {},
-    "scclip_voc20": {},
-    "cliptrase_voc20_224": {},
-    "proxyclip_voc20": {"proxy_checkpoint": "random-tiny"},
-    "corrclip_style_voc20": {"masks": "superpixels", "mask_generator": None, "mask_model": None,
-                             "mask_correlation": "clip", "mask_cache": False},
-}
 # SC-CLIP's published ViT-L/14 setting (SuleBai/SC-CLIP configs/base_config.py: pre 16, post 6, multi 8..19 as
 # 0-based indices with an exclusive end, res_cls 0.1; crop 224 and stride 112 unchanged)
 SCCLIP_L14 = {"scclip_blocks": (17, 7, 9, 19), "scclip_res_cls": 0.1, "crop": 224, "stride": 112}
@@ -58,14 +45,9 @@ def _model(weights: str):
     return load_clip(weights, device="cpu")
 
 
-def _config(preset: str):
-    tuned = get_preset(preset)
-    return tuned.replace(short_side=112, stride=tuned.crop, templates=TEMPLATES, **PRESETS[preset])
-
-
 def _expected(preset: str, key: str) -> dict:
     """The fitted values the table must give for `preset` on backbone `key`."""
-    tuned = _config(preset)
+    tuned = family_config(preset)
     target = bb.parse_backbone(key)
     ratio = target.patch_size / 16
     expected = {"crop": _half_up(tuned.crop * ratio) if tuned.crop else 0,
@@ -83,12 +65,12 @@ def _expected(preset: str, key: str) -> dict:
 
 
 @pytest.mark.parametrize("weights", list(BACKBONES))
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", list(FAMILIES))
 def test_every_preset_family_runs_on_every_backbone(weights, preset):
     model = _model(weights)
     key = BACKBONES[weights]
     assert bb.backbone_of(model.config).key == key
-    config = _config(preset)
+    config = family_config(preset)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         seg = Segmentor(model, config, classes="cat, dog", cache_dir=False, notes=lambda note: None)

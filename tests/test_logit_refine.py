@@ -1,5 +1,5 @@
 """The logit-refinement registry (pamr, crf, guided), its config settings, the guided filters, and the pipeline and
-CLI with refinements selected."""
+CLI with refinements selected, on every method family (and LoftUp with them)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from _families import FAMILIES, family_config
 from itaclip_core.cli import main
+from itaclip_core.model import load_clip
 from itaclip_core.postprocess import class_probabilities
 from itaclip_core.presets import apply_overrides, get_preset
 from itaclip_core.refinement import dense_crf, pamr
@@ -266,3 +268,50 @@ def test_cli_eval_with_logit_refinements(tmp_path, monkeypatch):
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["logit_refine"] == ["pamr", "crf"] and results["config"]["crf_iterations"] == 2
     assert results["num_images"] == 1 and "boundary" in results
+
+
+# Method families whose readout makes its own patch logits (clustering, proxy attention, mask attention), where a
+# feature upsampler has nothing to upsample.
+PATCH_LOGIT_READOUTS = {"cliptrase_voc20_224": "cliptrase", "proxyclip_voc20": "proxy",
+                        "corrclip_style_voc20": "mask_attention"}
+
+
+@pytest.fixture(scope="module")
+def random_tiny():
+    return load_clip("random-tiny", device="cpu")
+
+
+@pytest.mark.parametrize("preset", [*FAMILIES, "sclip_voc20+vote"])
+def test_every_method_family_takes_the_refinements_and_loftup(random_tiny, preset):
+    """Each method family (tiny random weights, the mask-guided ones with superpixels), and SCLIP in the mask mode
+    (superpixel votes), with PAMR, DenseCRF and the guided filter in that order, and with LoftUp (random weights):
+    valid probabilities at the prediction size that differ from the unrefined ones. LoftUp is refused, naming the
+    readout, exactly where the readout makes its own patch logits."""
+    image = (np.random.default_rng(3).random((60, 84, 3)) * 255).astype(np.uint8)
+    if preset.endswith("+vote"):
+        base = family_config(preset.removesuffix("+vote")).replace(masks="superpixels", mask_use="vote",
+                                                                   mask_cache=False)
+    else:
+        base = family_config(preset)
+
+    def predict(**changes):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            seg = Segmentor(random_tiny, base.replace(**changes), classes="cat, dog", cache_dir=False,
+                            notes=lambda note: None)
+            return seg.predict(image).probs
+
+    plain = predict(logit_refine=("pamr",), pamr_steps=0)
+    size = (base.crop, base.crop) if base.protocol == "centre_crop" else (60, 84)
+    assert plain.shape == (2, *size)
+    refined = predict(logit_refine=("pamr", "crf", "guided"), pamr_steps=1, crf_iterations=2)
+    outputs = [refined]
+    if preset in PATCH_LOGIT_READOUTS:
+        with pytest.raises(ValueError, match=f"'{PATCH_LOGIT_READOUTS[preset]}' readout makes its own patch logits"):
+            predict(upsampler="loftup", upsampler_weights="random:1")
+    else:
+        outputs.append(predict(upsampler="loftup", upsampler_weights="random:1"))
+    for probs in outputs:
+        assert probs.shape == plain.shape and np.isfinite(probs).all()
+        assert probs.min() >= 0 and probs.max() <= 1 + 1e-5
+        assert np.abs(probs - plain).max() > 1e-3
